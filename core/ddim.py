@@ -14,7 +14,7 @@ Latents are float32 whatever the model's dtype; coefficients are computed in flo
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -85,12 +85,18 @@ def ddim_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond:
 
 def ddim_sample(predictor: NoisePredictor, z_T: Tensor, grid: TimestepGrid, cond: Any,
                 uncond: Any = None, guidance: float = 1.0, callback: StepCallback = None,
-                start_step: int = 0) -> list[Tensor]:
+                start_step: int = 0, mask: Optional[Tensor] = None,
+                keep: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
     """Deterministic DDIM sampling, RNRI eq. (2) for every step of ``grid`` (noisy to clean).
 
     ``start_step`` skips the first levels (``z_T`` is then the latent at level ``start_step``).
-    Returns the trajectory in sampling order, ending with the clean latent.
+    With a ``mask`` (1 = regenerate, broadcastable to the latent) and ``keep`` (the latents of
+    every level in sampling order, e.g. an inversion trajectory reversed), the region where the
+    mask is 0 is replaced after every step by the kept latent of that level, as in
+    blended/known-region sampling. Returns the trajectory in sampling order, ending clean.
     """
+    if mask is not None and (keep is None or len(keep) != len(grid.timesteps)):
+        raise ValueError("a mask needs the latents to keep at every level of the grid")
     ts, ab = grid.timesteps, grid.alphas_cumprod
     z = z_T.float()
     traj = [z]
@@ -98,6 +104,8 @@ def ddim_sample(predictor: NoisePredictor, z_T: Tensor, grid: TimestepGrid, cond
     for i in range(start_step, grid.steps):
         eps = guided_eps(predictor, z, ts[i], cond, uncond, guidance)
         z = ddim_step(z, eps.float(), ab[i], ab[i + 1])
+        if mask is not None:
+            z = mask * z + (1.0 - mask) * keep[i + 1].to(z)
         traj.append(z)
         if callback is not None:
             callback(i - start_step, total, z)

@@ -1,0 +1,402 @@
+"""The one module that touches ComfyUI internals.
+
+It turns a ComfyUI MODEL plus CONDITIONINGs into the :class:`core.protocols.NoisePredictor`
+the methods in core/ are written against, and back: timestep grids to SIGMAS, latents to the
+LATENT convention, core loops to a SAMPLER.
+
+Sigma space. ComfyUI's discrete-time models are k-diffusion models: a latent ``x`` at noise level
+``sigma`` is ``x = z_t * sqrt(1 + sigma^2)`` where ``z_t`` is the DDPM latent and
+``sigma_t = sqrt((1 - abar_t) / abar_t)``; the model returns the denoised ``x0`` and
+``eps = (x - x0) / sigma``. Sigmas are taken from the model's own ``model_sampling`` table, so
+that ComfyUI maps them back to exactly the integer timestep we mean. This holds for epsilon and
+v-prediction models alike (ComfyUI's denoised output already accounts for the parameterisation)
+and for LCM's distilled sampling table.
+
+Model loading, patches, hooks, ControlNets and area/mask conditioning all go through ComfyUI's own
+``CFGGuider.sample`` machinery: the predictor lives inside a SAMPLER that the guider runs, and
+every call goes through ``comfy.samplers.calc_cond_batch``, which batches the conditionings into
+as few UNet calls as memory allows.
+
+Autograd. Nodes run under ``torch.inference_mode()`` and loaded weights are inference tensors,
+which autograd refuses to save for backward. :meth:`ComfyNoisePredictor.autograd` leaves inference
+mode, enables gradients and converts the diffusion model's inference-tensor parameters and
+buffers, one at a time and in place, into ordinary tensors with the same values (peak extra
+memory: the largest single tensor, not a second copy of the model). Values, devices, dtypes and
+patches are unchanged, so this does not alter what the shared model computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+import comfy.utils
+
+from ..core import schedule as core_schedule
+from ..core.schedule import TimestepGrid
+
+Tensor = torch.Tensor
+
+
+class InverseInputError(ValueError):
+    """Bad node input: the message names the input and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# model checks and schedules
+
+def model_sampling_of(model) -> Any:
+    return model.get_model_object("model_sampling")
+
+
+def check_diffusion_model(model, input_name: str = "model") -> None:
+    """Reject models that are not discrete-time epsilon/v-prediction diffusion models."""
+    ms = model_sampling_of(model)
+    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete):
+        kind = type(ms).__name__
+        raise InverseInputError(
+            f"{input_name}: this node needs a discrete-time diffusion model with epsilon or v prediction "
+            f"(SD1.x, SD2.x, SDXL and their LCM/Turbo variants); the connected model samples with {kind} "
+            f"(a flow-matching or continuous-time model such as SD3, Flux or an EDM/Cascade model). "
+            f"Connect an SD-family checkpoint instead.")
+    if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, (comfy.model_sampling.X0,)):
+        raise InverseInputError(
+            f"{input_name}: unsupported prediction type {type(ms).__name__}; use an epsilon- or "
+            f"v-prediction model.")
+    if float(getattr(ms, "sigma_data", 1.0)) != 1.0:
+        raise InverseInputError(f"{input_name}: models with sigma_data != 1 are not supported.")
+
+
+def is_lcm_model(model) -> bool:
+    ms = model_sampling_of(model)
+    return hasattr(ms, "original_timesteps") and hasattr(ms, "skip_steps")
+
+
+def model_timesteps(model) -> int:
+    ms = model_sampling_of(model)
+    return int(getattr(ms, "num_timesteps", len(ms.sigmas)))
+
+
+def model_sigma_table(model) -> Tensor:
+    """sigma_t for every model timestep t = 0..T-1 (float32, as ComfyUI holds them)."""
+    ms = model_sampling_of(model)
+    T = model_timesteps(model)
+    if len(ms.sigmas) == T:
+        return ms.sigmas.detach().float().cpu().clone()
+    with torch.inference_mode(False):
+        return ms.sigma(torch.arange(T, dtype=torch.float32, device=ms.sigmas.device)).float().cpu()
+
+
+def model_alphas_cumprod(model) -> Tensor:
+    """abar_t for every model timestep (float64); exact at every timestep ComfyUI can represent."""
+    return core_schedule.alphas_cumprod_from_sigmas(model_sigma_table(model))
+
+
+def default_spacing(model) -> str:
+    return "lcm" if is_lcm_model(model) else "leading"
+
+
+def make_grid(model, steps: int, spacing: str = "auto") -> TimestepGrid:
+    """An N-step grid on the model's schedule. "leading" uses Stable Diffusion's steps_offset 1."""
+    if steps < 1:
+        raise InverseInputError(f"steps: must be at least 1, got {steps}.")
+    if spacing == "auto":
+        spacing = default_spacing(model)
+    T = model_timesteps(model)
+    if is_lcm_model(model) and spacing != "lcm":
+        raise InverseInputError(
+            f"spacing: an LCM model only knows the 50 LCM timesteps; choose 'lcm' or 'auto' instead of '{spacing}'.")
+    try:
+        ts = core_schedule.timestep_spacing(steps, T, spacing, steps_offset=1 if spacing == "leading" else 0)
+    except ValueError as exc:
+        raise InverseInputError(f"steps/spacing: {exc}") from None
+    return TimestepGrid.from_schedule(model_alphas_cumprod(model), ts)
+
+
+def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
+    """The grid of a SIGMAS input (either order), snapped to the model's timesteps; a final 0
+    means the clean level."""
+    s = [float(v) for v in sigmas.flatten().tolist()]
+    if len(s) < 2:
+        raise InverseInputError("sigmas: need at least two sigmas (one step).")
+    if s[0] < s[-1]:
+        s = s[::-1]
+    ms = model_sampling_of(model)
+    table = model_sigma_table(model)
+    ts, ab = [], []
+    for v in s:
+        if v <= 0.0:
+            ts.append(core_schedule.CLEAN)
+            ab.append(1.0)
+            continue
+        t = int(ms.timestep(torch.tensor([v], device=ms.sigmas.device)).item())
+        ts.append(t)
+        ab.append(1.0 / (1.0 + float(table[t]) ** 2))
+    if ts[-1] != core_schedule.CLEAN:
+        raise InverseInputError("sigmas: the schedule must end at sigma 0 (the clean image); "
+                                "use a full schedule from BasicScheduler or split it with SplitSigmas first.")
+    try:
+        return TimestepGrid(tuple(ts), tuple(ab))
+    except ValueError as exc:
+        raise InverseInputError(f"sigmas: {exc}") from None
+
+
+def grid_sigmas(grid: TimestepGrid) -> Tensor:
+    """SIGMAS for ComfyUI's samplers (float32, descending, ending at 0)."""
+    return grid.sigmas().float()
+
+
+def to_comfy_latent(z: Tensor, abar: float) -> Tensor:
+    """DDPM latent -> ComfyUI's k-diffusion latent x = z * sqrt(1 + sigma^2) = z / sqrt(abar)."""
+    return z / math.sqrt(abar)
+
+
+def from_comfy_latent(x: Tensor, abar: float) -> Tensor:
+    return x * math.sqrt(abar)
+
+
+# ----------------------------------------------------------------------------------------------
+# the noise predictor
+
+@dataclass(eq=False)
+class Cond:
+    """A conditioning handle for :class:`ComfyNoisePredictor`: the name of one of the
+    CONDITIONINGs given to :func:`run_with_predictor`, optionally with its cross-attention
+    embedding replaced by ``context`` (``[1 or B, tokens, dim]``; e.g. an optimised null-text
+    embedding, differentiable)."""
+
+    name: str
+    context: Optional[Tensor] = None
+
+
+class ComfyNoisePredictor:
+    """eps(z_t, t, conds) through ComfyUI: one batched ``calc_cond_batch`` call per invocation.
+
+    Conditioning handles are names (str) or :class:`Cond` objects. Every call first checks for a
+    user cancel (``comfy.model_management.throw_exception_if_processing_interrupted``), so a
+    cancel stops a run within one model call.
+    """
+
+    def __init__(self, guider, model_options: dict, on_call: Optional[Callable[[], None]] = None):
+        self.guider = guider
+        self.inner_model = guider.inner_model
+        self.conds = guider.conds
+        self.model_options = model_options
+        self.device = guider.model_patcher.load_device
+        self.sigma_table = model_sigma_table(guider.model_patcher)
+        self.alphas_cumprod = core_schedule.alphas_cumprod_from_sigmas(self.sigma_table)
+        self.calls = 0
+        self._on_call = on_call
+
+    # latent format (e.g. SD's 0.18215 scale) ------------------------------------------------
+    def process_latent_in(self, samples: Tensor) -> Tensor:
+        return self.inner_model.process_latent_in(samples.float())
+
+    def process_latent_out(self, z: Tensor) -> Tensor:
+        return self.inner_model.process_latent_out(z.float())
+
+    def embedding(self, name: str) -> Tensor:
+        """The cross-attention embedding of conditioning ``name`` (its first entry)."""
+        return self.guider.original_conds[name][0]["cross_attn"]
+
+    # the protocol ---------------------------------------------------------------------------
+    def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        t = int(t)
+        sigma = float(self.sigma_table[t])
+        x = z.to(self.device, torch.float32) * math.sqrt(1.0 + sigma * sigma)
+        sigmas = torch.full((x.shape[0],), sigma, device=self.device, dtype=torch.float32)
+        handles = [c if isinstance(c, Cond) else Cond(str(c)) for c in conds]
+        missing = [h.name for h in handles if h.name not in self.conds]
+        if missing:
+            raise KeyError(f"unknown conditioning {missing}; have {sorted(self.conds)}")
+        cond_lists = [self.conds[h.name] for h in handles]
+        options = self.model_options
+        overrides = {i: h.context for i, h in enumerate(handles) if h.context is not None}
+        if overrides:
+            options = self._with_context_overrides(options, overrides)
+        denoised = comfy.samplers.calc_cond_batch(self.inner_model, cond_lists, x, sigmas, options)
+        self.calls += 1
+        if self._on_call is not None:
+            self._on_call()
+        return torch.stack([(x - d.float()) / sigma for d in denoised])
+
+    def _with_context_overrides(self, options: dict, overrides: Mapping[int, Tensor]) -> dict:
+        previous = options.get("model_function_wrapper")
+
+        def wrapper(apply_model, args):
+            c = dict(args["c"])
+            index = args["cond_or_uncond"]
+            if "c_crossattn" in c and any(i in overrides for i in index):
+                chunks = c["c_crossattn"].chunk(len(index))
+                parts = []
+                for i, chunk in zip(index, chunks):
+                    if i in overrides:
+                        ctx = overrides[i].to(chunk.device, torch.float32)
+                        if ctx.shape[-2:] != chunk.shape[-2:]:
+                            raise InverseInputError(
+                                f"embedding override has shape {tuple(ctx.shape)}, the conditioning has "
+                                f"{tuple(chunk.shape)}; keep the token count and width of the prompt.")
+                        parts.append(ctx.expand(chunk.shape[0], -1, -1) if ctx.shape[0] == 1 else ctx)
+                    else:
+                        parts.append(chunk)
+                c["c_crossattn"] = torch.cat(parts)
+            if previous is not None:
+                return previous(apply_model, dict(args, c=c))
+            return apply_model(args["input"], args["timestep"], **c)
+
+        return dict(options, model_function_wrapper=wrapper)
+
+    @contextlib.contextmanager
+    def autograd(self):
+        """Run the enclosed calls with gradients, out of inference mode (see module docstring)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            make_autograd_safe(self.inner_model)
+            yield self
+
+
+def make_autograd_safe(module: torch.nn.Module) -> int:
+    """Replace inference-tensor parameters and buffers of ``module`` in place by ordinary tensors
+    with the same values, one tensor at a time. Returns how many were converted."""
+    converted = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    converted += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    converted += 1
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------
+# running core code inside ComfyUI's sampling machinery
+
+class _PredictorGuider(comfy.samplers.CFGGuider):
+    def set_named_conds(self, conds: Mapping[str, Any]) -> None:
+        self.inner_set_conds(dict(conds))
+
+
+class _CallSampler(comfy.samplers.Sampler):
+    """A SAMPLER whose 'sampling' is an arbitrary function of the noise predictor."""
+
+    def __init__(self, fn: Callable[[ComfyNoisePredictor], Any], on_call=None):
+        self.fn = fn
+        self.on_call = on_call
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        predictor = ComfyNoisePredictor(model_wrap, extra_args["model_options"], self.on_call)
+        self.result = self.fn(predictor)
+        return latent_image
+
+
+def run_with_predictor(model, conds: Mapping[str, Any], latent_shape: Sequence[int],
+                       fn: Callable[[ComfyNoisePredictor], Any], seed: int = 0) -> Any:
+    """Load ``model`` the way ComfyUI's samplers do, process ``conds`` (a name -> CONDITIONING
+    mapping) for latents of ``latent_shape`` and call ``fn(predictor)``; returns its result."""
+    for name, c in conds.items():
+        if c is None or len(c) == 0:
+            raise InverseInputError(f"{name}: empty CONDITIONING; connect a CLIP Text Encode node.")
+    guider = _PredictorGuider(model)
+    guider.set_named_conds(conds)
+    sampler = _CallSampler(fn)
+    zeros = torch.zeros(tuple(latent_shape), dtype=torch.float32)
+    sigmas = torch.tensor([float(model_sampling_of(model).sigma_max), 0.0])
+    guider.sample(zeros, zeros, sampler, sigmas, disable_pbar=True, seed=seed)
+    return sampler.result
+
+
+class ProgressReporter:
+    """ComfyUI progress bar for a core loop; also a cancel point after every step."""
+
+    def __init__(self, total: int, node_id: Optional[str] = None):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.total = total
+
+    def __call__(self, step: int, total: int, z: Tensor) -> None:
+        self.bar.update_absolute(step + 1, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def latent_batch(latent: dict, input_name: str = "latent") -> Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise InverseInputError(f"{input_name}: expected an image LATENT of shape [B, C, H, W]; "
+                                f"video or audio latents are not supported.")
+    return samples
+
+
+def encode_image(vae, image: Tensor) -> Tensor:
+    return vae.encode(image[:, :, :, :3])
+
+
+# ----------------------------------------------------------------------------------------------
+# the DDIM-inversion SAMPLER for SamplerCustomAdvanced
+
+class KDiffusionPredictor:
+    """A NoisePredictor over a k-diffusion denoiser (what a SAMPLER receives: the guider's
+    CFG-combined prediction). It has a single conditioning handle, ``None``."""
+
+    def __init__(self, denoiser, extra_args: dict, sigma_table: Tensor):
+        self.denoiser = denoiser
+        self.extra_args = extra_args
+        self.sigma_table = sigma_table
+
+    def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        sigma = float(self.sigma_table[int(t)])
+        x = z * math.sqrt(1.0 + sigma * sigma)
+        s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
+        denoised = self.denoiser(x, s, **self.extra_args)
+        eps = (x - denoised.float()) / sigma
+        return eps.unsqueeze(0).expand(len(conds), *eps.shape)
+
+
+def make_inversion_sampler(invert: Callable) -> comfy.samplers.KSAMPLER:
+    """A KSAMPLER that runs ``invert(predictor, z0, grid, callback)`` (a core inversion loop) over
+    the connected SIGMAS, in either order, starting from the latent (the noise input is ignored;
+    use DisableNoise). It returns the noisy latent at the largest sigma, in ComfyUI's convention."""
+
+    class _InversionKSampler(comfy.samplers.KSAMPLER):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+                   denoise_mask=None, disable_pbar=False):
+            patcher = model_wrap.model_patcher
+            check_diffusion_model(patcher)
+            grid = grid_from_sigmas(patcher, sigmas)
+            predictor = KDiffusionPredictor(model_wrap, extra_args, model_sigma_table(patcher))
+            z0 = latent_image.float() if latent_image is not None else torch.zeros_like(noise)
+
+            def cb(i, total, z):  # SamplerCustomAdvanced's callback drives the progress bar
+                if callback is not None:
+                    x = to_comfy_latent(z, grid.alphas_cumprod[::-1][i + 1])
+                    callback(i, x, x, total)
+
+            traj = invert(predictor, z0, grid, cb)
+            return to_comfy_latent(traj[-1], grid.alphas_cumprod[0])
+
+    return _InversionKSampler(None)
+
+
+def latent_mask(mask: Tensor, latent_shape: Sequence[int], input_name: str = "mask") -> Tensor:
+    """A ComfyUI MASK ([H, W] or [B, H, W], 1 = selected) resized to a latent's [B, 1, h, w]."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise InverseInputError(f"{input_name}: expected a MASK of shape [H, W] or [B, H, W], got {tuple(mask.shape)}.")
+    B = latent_shape[0]
+    if mask.shape[0] not in (1, B):
+        raise InverseInputError(f"{input_name}: the mask batch ({mask.shape[0]}) must be 1 or the latent batch ({B}).")
+    m = torch.nn.functional.interpolate(mask[:, None].float(), size=tuple(latent_shape[-2:]), mode="bilinear",
+                                        align_corners=False)
+    return m.expand(B, 1, *latent_shape[-2:]).clamp(0.0, 1.0)

@@ -1,0 +1,7 @@
+"""Socket types of the pack."""
+from comfy_api.latest import io
+
+#: an InversionResult (core/result.py): the trajectory of an inversion, its grid and method state
+Inversion = io.Custom("INVERSE_INVERSION")
+
+CATEGORY = "Inverse"

@@ -1,0 +1,142 @@
+"""The real ComfyUI host for integration tests.
+
+ComfyUI is found through COMFYUI_PATH (default ~/ComfyUI). When it is missing, integration
+tests are skipped with a loud reason (and .ci/run prints a banner); set
+COMFYUI_INVERSE_REQUIRE_HOST=1 to make a missing host an error instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = Path(os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/ComfyUI"))).resolve()
+HOST_FOUND = (COMFYUI_PATH / "comfy" / "sd.py").is_file() and (COMFYUI_PATH / "execution.py").is_file()
+MISSING_REASON = (f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI checkout "
+                  f"(README: 'Running the tests') to run the integration tests")
+PACK_DIR_NAME = "ComfyUI-Inverse"
+CACHE_DIR = Path(os.path.expanduser(os.environ.get("COMFYUI_INVERSE_CACHE", "~/.cache/comfyui-inverse")))
+TINY_CKPT_NAME = "inverse_tiny_sd15_v1.safetensors"
+
+_state: dict = {}
+
+
+def boot_script() -> Path:
+    return ROOT / "scripts" / "comfy_boot.py"
+
+
+def tiny_checkpoint() -> Path:
+    """The random-weight SD1.5-format checkpoint, generated once and cached."""
+    path = CACHE_DIR / "checkpoints" / TINY_CKPT_NAME
+    if not path.is_file():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import make_tiny_checkpoint
+
+        make_tiny_checkpoint.main([str(path), "--comfyui", str(COMFYUI_PATH)])
+    return path
+
+
+def pack_link_dir() -> Path:
+    """A folder holding only a link to this pack, to serve as a custom_nodes path."""
+    d = Path(tempfile.gettempdir()) / f"comfyui-inverse-nodes-{os.getuid()}"
+    d.mkdir(exist_ok=True)
+    link = d / PACK_DIR_NAME
+    if link.is_symlink() and link.resolve() != ROOT:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    return d
+
+
+def start_inprocess():
+    """Import ComfyUI into this process, register the built-in nodes and this pack; returns
+    the pack module as ComfyUI loaded it."""
+    if "pack" in _state:
+        return _state["pack"]
+    if not HOST_FOUND:
+        raise RuntimeError(MISSING_REASON)
+    sys.path.insert(0, str(boot_script().parent))
+    import comfy_boot
+
+    comfy_boot.ensure_torchvision_importable()
+    if str(COMFYUI_PATH) not in sys.path:
+        sys.path.insert(0, str(COMFYUI_PATH))
+    import utils.install_util  # noqa: F401  ComfyUI's own utils package, before any other "utils"
+    import torch
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import folder_paths
+
+    ckpt = tiny_checkpoint()
+    folder_paths.add_model_folder_path("checkpoints", str(ckpt.parent), is_default=True)
+    out_dir = Path(tempfile.mkdtemp(prefix="comfyui-inverse-out-"))
+    folder_paths.set_output_directory(str(out_dir))
+    in_dir = Path(tempfile.mkdtemp(prefix="comfyui-inverse-in-"))
+    for f in (ROOT / "workflows" / "input").iterdir():
+        (in_dir / f.name).write_bytes(f.read_bytes())
+    folder_paths.set_input_directory(str(in_dir))
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    ok = asyncio.run(nodes.load_custom_node(str(pack_link_dir() / PACK_DIR_NAME)))
+    _state["load_ok"] = ok
+    _state["pack"] = sys.modules[str(pack_link_dir() / PACK_DIR_NAME).replace(".", "_x_")]
+    _state["out_dir"] = out_dir
+    return _state["pack"]
+
+
+class RecordingServer:
+    """The part of PromptServer that execution.PromptExecutor talks to."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+def run_prompt(prompt: dict, progress_hook=None):
+    """Validate and execute an API-format prompt in-process. Returns (executor, server, outputs)."""
+    start_inprocess()
+    import comfy.utils
+    import execution
+
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
+    server = RecordingServer()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    comfy.utils.set_progress_bar_global_hook(progress_hook)
+    try:
+        executor.execute(prompt, prompt_id, {}, valid[2])
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    return executor, server, executor.history_result["outputs"]
+
+
+def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
+    """An API-format example workflow set up for the tiny checkpoint: every checkpoint loader
+    gets the tiny model, every ImageScale ``size`` pixels, and (optionally) every node with a
+    ``steps`` input ``steps`` steps."""
+    import json
+
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = TINY_CKPT_NAME
+        if node["class_type"] == "ImageScale":
+            inputs["width"] = inputs["height"] = size
+        if steps is not None and "steps" in inputs:
+            inputs["steps"] = steps
+    return prompt
