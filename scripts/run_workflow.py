@@ -277,9 +277,14 @@ async def run_prompt(session, url: str, prompt: dict, timeout: float) -> dict:
             elif kind == "execution_success" or (kind == "executing" and d.get("node") is None
                                                  and d.get("prompt_id") == prompt_id):
                 break
-    async with session.get(f"{url}/history/{prompt_id}") as r:
-        history = await r.json()
-    return history.get(prompt_id, {})
+    # the server stores the history just after it reports success: wait for it
+    for _ in range(120):
+        async with session.get(f"{url}/history/{prompt_id}") as r:
+            entry = (await r.json()).get(prompt_id)
+        if entry and entry.get("status", {}).get("completed", entry.get("outputs") is not None):
+            return entry
+        await asyncio.sleep(0.25)
+    raise RunError(f"the server reported success but kept no history for prompt {prompt_id}", 1)
 
 
 async def download_outputs(session, url: str, history: dict, out_dir: Path) -> list[Path]:

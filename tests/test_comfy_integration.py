@@ -1,0 +1,462 @@
+"""Integration tests on the real ComfyUI (COMFYUI_PATH, default ~/ComfyUI) with a tiny
+random-weight checkpoint that ComfyUI detects as SD1.5."""
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_host
+
+if not comfy_host.HOST_FOUND:
+    if os.environ.get("COMFYUI_INVERSE_REQUIRE_HOST") == "1":
+        raise RuntimeError(comfy_host.MISSING_REASON)
+    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
+
+WORKFLOWS = sorted((comfy_host.ROOT / "workflows" / "api").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return comfy_host.start_inprocess()
+
+
+@pytest.fixture(scope="module")
+def glue(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+
+
+@pytest.fixture(scope="module")
+def core(pack):
+    return importlib.import_module(pack.__name__ + ".core.ddim")
+
+
+@pytest.fixture(scope="module")
+def loaded(pack):
+    """The tiny checkpoint loaded the way ComfyUI's loader node does (under inference mode)."""
+    import comfy.sd
+
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[:3]
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photograph of an astronaut"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return model, clip, vae, pos, neg
+
+
+class UNetCounter:
+    """Counts forward calls of ComfyUI UNets (and the batch each call saw)."""
+
+    def __init__(self):
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        self.cls = UNetModel
+        self.batches: list[int] = []
+
+    def __enter__(self):
+        def hook(module, args, output):
+            if isinstance(module, self.cls):
+                self.batches.append(int(args[0].shape[0]))
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _latents(out_dir: Path, prefix: str) -> torch.Tensor:
+    import safetensors.torch
+
+    files = sorted(glob.glob(str(out_dir / "taps" / f"{prefix}_*.latent")))
+    assert files, f"no latent saved for {prefix}"
+    return safetensors.torch.load_file(files[-1])["latent_tensor"]
+
+
+def _tap(prompt: dict, node: str, output: int, name: str) -> None:
+    prompt[f"tap_{name}"] = {"class_type": "SaveLatent",
+                             "inputs": {"samples": [node, output], "filename_prefix": f"taps/{name}"}}
+
+
+def _rel(a, b):
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+# --------------------------------------------------------------------------------------------
+# registration and schemas
+
+def test_pack_registers_with_no_import_error(pack):
+    import nodes
+
+    assert comfy_host._state["load_ok"] is True
+    ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if getattr(v, "RELATIVE_PYTHON_MODULE", "").endswith(comfy_host.PACK_DIR_NAME)}
+    assert {"InverseDDIMInversion", "InverseDDIMSample", "InverseSamplerDDIMInversion"} <= set(ours)
+
+
+def test_every_node_schema_has_description_and_tooltips(pack):
+    import nodes
+
+    ours = [v for v in nodes.NODE_CLASS_MAPPINGS.values()
+            if getattr(v, "RELATIVE_PYTHON_MODULE", "").endswith(comfy_host.PACK_DIR_NAME)]
+    assert ours
+    for cls in ours:
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id.startswith("Inverse"), schema.node_id
+        assert schema.category.split("/")[0] == "Inverse"
+        assert schema.display_name and len(schema.description) > 40, schema.node_id
+        for i in schema.inputs:
+            assert i.tooltip and len(i.tooltip) > 10, f"{schema.node_id}.{i.id} has no tooltip"
+        for o in schema.outputs:
+            assert o.tooltip, f"{schema.node_id} output {o.display_name} has no tooltip"
+        info = cls.GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["description"] == schema.description
+
+
+# --------------------------------------------------------------------------------------------
+# the glue
+
+def test_glue_eps_equals_the_unets_own_prediction(glue, loaded):
+    model, clip, vae, pos, neg = loaded
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    t = 601
+
+    def run(pred):
+        with UNetCounter() as counter:
+            eps = pred(z, t, ["positive", "negative"])
+        return eps, counter.batches
+
+    with torch.inference_mode():
+        eps, batches = glue.run_with_predictor(model, {"positive": pos, "negative": neg}, z.shape, run)
+        unet = model.model.diffusion_model
+        ts = torch.full((2,), float(t))
+        ref_c = unet(z, ts, context=pos[0][0].expand(2, -1, -1))
+        ref_u = unet(z, ts, context=neg[0][0].expand(2, -1, -1))
+    assert batches == [4], "cond and uncond must go through the UNet in one batched call"
+    assert eps.shape == (2, 2, 4, 8, 8)
+    assert torch.allclose(eps[0], ref_c, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(eps[1], ref_u, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(eps[0], eps[1], atol=1e-4)
+
+
+def test_glue_handles_v_prediction_models(glue, loaded):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip, vae, pos, neg = loaded
+    with torch.inference_mode():
+        vmodel = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        t = 300
+        eps = glue.run_with_predictor(vmodel, {"positive": pos}, z.shape, lambda p: p(z, t, ["positive"])[0])
+        v = model.model.diffusion_model(z, torch.tensor([float(t)]), context=pos[0][0])
+    abar = float(glue.model_alphas_cumprod(vmodel)[t])
+    expected = math.sqrt(abar) * v + math.sqrt(1 - abar) * z
+    assert torch.allclose(eps, expected, atol=3e-5, rtol=1e-4)
+    assert model.get_model_object("model_sampling") is not vmodel.get_model_object("model_sampling")
+
+
+def test_schedule_and_grid_match_comfyui(glue, loaded):
+    import comfy.samplers
+
+    model = loaded[0]
+    ms = model.get_model_object("model_sampling")
+    ac = glue.model_alphas_cumprod(model)
+    sd = importlib.import_module(glue.__name__.rsplit(".", 2)[0] + ".core.schedule")
+    assert torch.allclose(ac, sd.scaled_linear_alphas_cumprod(), atol=1e-6)
+    grid = glue.make_grid(model, 10, "leading")
+    assert grid.timesteps[:-1] == tuple(range(901, 0, -100))
+    # sigmas we hand to ComfyUI map back to exactly our timesteps
+    sig = glue.grid_sigmas(grid)
+    assert [int(ms.timestep(s[None]).item()) for s in sig[:-1]] == list(grid.timesteps[:-1])
+    back = glue.grid_from_sigmas(model, sig)
+    assert back.timesteps == grid.timesteps
+    # ComfyUI's own ddim_uniform sigmas are understood too
+    cs = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", 10)
+    assert glue.grid_from_sigmas(model, cs).steps == 10
+
+
+def test_autograd_through_the_glue_inside_inference_mode(glue, loaded):
+    """Gradients w.r.t. latent and text embedding under a node's inference mode, with inference
+    weights, checked against central finite differences."""
+    model, clip, vae, pos, neg = loaded
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    w = torch.randn(1, 4, 8, 8, generator=g)
+    d = torch.randn(1, 4, 8, 8, generator=g)
+    t = 400
+
+    def run(pred):
+        ctx0 = pred.embedding("positive").clone()
+        dc = torch.randn(ctx0.shape, generator=g)
+        with torch.no_grad():
+            before = pred(z, t, ["positive"])[0]
+        assert any(p.is_inference() for p in unet.parameters()), "test must start from inference weights"
+        param_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+        with pred.autograd():
+            zz = z.clone().requires_grad_(True)
+            ctx = ctx0.clone().requires_grad_(True)
+            eps = pred(zz, t, [glue.Cond("positive", context=ctx)])[0]
+            gz, gc = torch.autograd.grad((eps * w).sum(), [zz, ctx])
+            assert not any(p.is_inference() for p in unet.parameters())
+            assert sum(p.numel() * p.element_size() for p in unet.parameters()) == param_bytes
+            with torch.no_grad():
+                f = lambda zv, cv: float((pred(zv, t, [glue.Cond("positive", context=cv)])[0] * w).sum())
+                h = 1e-2
+                fd_z = (f(z + h * d, ctx0) - f(z - h * d, ctx0)) / (2 * h)
+                fd_c = (f(z, ctx0 + h * dc) - f(z, ctx0 - h * dc)) / (2 * h)
+                after = pred(z, t, ["positive"])[0]
+        return gz, gc, dc, fd_z, fd_c, before, after
+
+    with torch.inference_mode():
+        gz, gc, dc, fd_z, fd_c, before, after = glue.run_with_predictor(model, {"positive": pos}, z.shape, run)
+    assert torch.isfinite(gz).all() and torch.isfinite(gc).all()
+    assert float(gz.abs().sum()) > 0 and float(gc.abs().sum()) > 0
+    assert float((gz * d).sum()) == pytest.approx(fd_z, rel=2e-2, abs=1e-4)
+    assert float((gc * dc).sum()) == pytest.approx(fd_c, rel=2e-2, abs=1e-4)
+    assert torch.equal(before, after), "converting inference weights must not change the model's output"
+
+
+def test_reconstruction_error_shrinks_with_steps(glue, core, loaded):
+    model, clip, vae, pos, neg = loaded
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.5
+    errs = []
+    with torch.inference_mode():
+        for steps in (10, 40, 160):
+            grid = glue.make_grid(model, steps)
+
+            def run(pred):
+                traj = core.ddim_invert(pred, z, grid, "positive")
+                return core.ddim_sample(pred, traj[-1], grid, "positive")[-1]
+
+            rec = glue.run_with_predictor(model, {"positive": pos}, z.shape, run)
+            errs.append(_rel(rec, z))
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < 0.5 * errs[1] and errs[2] < 0.05, errs
+
+
+# --------------------------------------------------------------------------------------------
+# workflows in-process
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_api_workflow_runs_in_process(path):
+    prompt = comfy_host.api_workflow(path.stem, size=64, steps=6)
+    executor, server, outputs = comfy_host.run_prompt(prompt)
+    errors = [d for e, d in executor.status_messages if e == "execution_error"]
+    assert executor.success, errors
+    saves = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    assert saves and all(k in outputs and outputs[k]["images"] for k in saves)
+
+
+def test_invert_and_reconstruct_workflow_numbers():
+    """Our sampler and ComfyUI's own ddim sampler agree, and both reconstruct the latent."""
+    prompt = comfy_host.api_workflow("invert_and_reconstruct", size=64, steps=40)
+    _tap(prompt, "6", 0, "z0")
+    _tap(prompt, "8", 0, "ours")
+    _tap(prompt, "14", 0, "comfy")
+    _tap(prompt, "7", 1, "noise")
+    prompt["20"] = {"class_type": "InverseSamplerDDIMInversion", "inputs": {}}
+    prompt["21"] = {"class_type": "SamplerCustomAdvanced",
+                    "inputs": {"noise": ["13", 0], "guider": ["12", 0], "sampler": ["20", 0],
+                               "sigmas": ["7", 2], "latent_image": ["6", 0]}}
+    _tap(prompt, "21", 0, "noise_via_sampler")
+    executor, server, outputs = comfy_host.run_prompt(prompt)
+    assert executor.success
+    out = comfy_host._state["out_dir"]
+    z0, ours, comfy_rec = _latents(out, "z0"), _latents(out, "ours"), _latents(out, "comfy")
+    assert _rel(ours, comfy_rec) < 1e-4
+    # a random-weight UNet is no denoiser, so DDIM inversion is far from exact here (the step
+    # convergence is tested above); the reconstruction is still much closer than the noise
+    assert _rel(ours, z0) < 0.6
+    noise, noise2 = _latents(out, "noise"), _latents(out, "noise_via_sampler")
+    assert _rel(noise2, noise) < 1e-4, "the SAMPLER must invert exactly like the node"
+    assert _rel(noise, z0) > 1.0  # the noise latent is not the image
+
+
+def test_batches_and_masks_are_honoured(glue, core, loaded):
+    """A batch of two inverts like two single runs; with a mask, sampling with another prompt
+    leaves the unmasked region of every step on the inversion trajectory."""
+    prompt = comfy_host.api_workflow("invert_and_reconstruct", size=64, steps=8)
+    prompt["4b"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["5", 0], "amount": 2}}
+    prompt["4c"] = {"class_type": "ImageInvert", "inputs": {"image": ["5", 0]}}
+    prompt["4d"] = {"class_type": "ImageBatch", "inputs": {"image1": ["5", 0], "image2": ["4c", 0]}}
+    prompt["6"]["inputs"]["pixels"] = ["4d", 0]
+    prompt["30"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+    prompt["31"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+    prompt["32"] = {"class_type": "MaskComposite",
+                    "inputs": {"destination": ["30", 0], "source": ["31", 0], "x": 0, "y": 0, "operation": "add"}}
+    prompt["33"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red sports car", "clip": ["1", 1]}}
+    prompt["34"] = {"class_type": "InverseDDIMSample",
+                    "inputs": {"model": ["1", 0], "positive": ["33", 0], "inversion": ["7", 0], "negative": ["3", 0],
+                               "guidance": 1.0, "skip_steps": 0, "mask": ["32", 0]}}
+    prompt["35"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["4c", 0], "vae": ["1", 2]}}
+    prompt["36"] = {"class_type": "InverseDDIMInversion",
+                    "inputs": {"model": ["1", 0], "positive": ["2", 0], "latent": ["35", 0],
+                               "steps": 8, "guidance": 1.0, "spacing": "auto"}}
+    _tap(prompt, "6", 0, "bz0")
+    _tap(prompt, "7", 1, "bnoise")
+    _tap(prompt, "36", 1, "single_noise")
+    _tap(prompt, "34", 0, "masked")
+    _tap(prompt, "8", 0, "brec")
+    executor, server, outputs = comfy_host.run_prompt(prompt)
+    assert executor.success, [d for e, d in executor.status_messages if e == "execution_error"]
+    out = comfy_host._state["out_dir"]
+    z0, noise, single = _latents(out, "bz0"), _latents(out, "bnoise"), _latents(out, "single_noise")
+    masked, rec = _latents(out, "masked"), _latents(out, "brec")
+    assert z0.shape[0] == 2 and noise.shape[0] == 2
+    assert _rel(noise[1:], single) < 1e-5
+    # left half (mask 1) regenerated with another prompt, right half kept exactly
+    assert torch.allclose(masked[..., 4:], z0[..., 4:], atol=1e-6, rtol=1e-6)
+    assert _rel(masked[..., :4], rec[..., :4]) > 1e-3
+
+
+def test_bad_inputs_get_clear_errors(pack, glue, loaded):
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
+    model, clip, vae, pos, neg = loaded
+    lat = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        flow = ModelSamplingSD3().patch(model, 3.0)[0]
+        with pytest.raises(glue.InverseInputError, match=r"^model: .*flow-matching"):
+            inv.DDIMInversion.execute(flow, pos, 10, 1.0, "auto", latent=lat)
+        with pytest.raises(glue.InverseInputError, match=r"^steps"):
+            inv.DDIMInversion.execute(model, pos, 0, 1.0, "auto", latent=lat)
+        with pytest.raises(glue.InverseInputError, match=r"^vae: "):
+            inv.DDIMInversion.execute(model, pos, 4, 1.0, "auto", image=torch.zeros(1, 64, 64, 3))
+        with pytest.raises(glue.InverseInputError, match=r"^negative: "):
+            inv.DDIMInversion.execute(model, pos, 4, 7.5, "auto", latent=lat)
+        with pytest.raises(glue.InverseInputError, match=r"^latent/image: "):
+            inv.DDIMInversion.execute(model, pos, 4, 1.0, "auto")
+        with pytest.raises(glue.InverseInputError, match=r"^spacing: "):
+            from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+            lcm = ModelSamplingDiscrete().patch(model, "lcm", False)[0]
+            inv.DDIMInversion.execute(lcm, pos, 4, 1.0, "trailing", latent=lat)
+        with pytest.raises(glue.InverseInputError, match=r"^mask: "):
+            glue.latent_mask(torch.ones(3, 64, 64), (2, 4, 8, 8))
+
+
+def test_lcm_model_inverts_on_the_lcm_grid(pack, glue, core, loaded):
+    """An LCM model: the grid is LCM's, and eps is the one implied by ComfyUI's LCM denoiser
+    (boundary-condition scalings included) at every grid timestep."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip, vae, pos, neg = loaded
+    with torch.inference_mode():
+        lcm = ModelSamplingDiscrete().patch(model, "lcm", False)[0]
+        grid = glue.make_grid(lcm, 4)
+        assert grid.timesteps[:-1] == (999, 759, 499, 259)
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.5
+
+        def run(pred):
+            traj = core.ddim_invert(pred, z, grid, "positive")
+            rec = core.ddim_sample(pred, traj[-1], grid, "positive")[-1]
+            diffs = []
+            for t in grid.timesteps[:-1]:
+                sigma = float(pred.sigma_table[t])
+                x = z * math.sqrt(1 + sigma ** 2)
+                den = pred.inner_model.apply_model(x, torch.tensor([sigma]), c_crossattn=pos[0][0])
+                diffs.append(float(((x - den) / sigma - pred(z, t, ["positive"])[0]).abs().max()))
+            return rec, diffs
+
+        rec, diffs = glue.run_with_predictor(lcm, {"positive": pos}, z.shape, run)
+    assert max(diffs) < 1e-4, diffs
+    assert torch.isfinite(rec).all()
+
+
+def test_cancel_stops_within_one_model_call():
+    import comfy.model_management
+
+    prompt = comfy_host.api_workflow("invert_and_reconstruct", size=64, steps=30)
+    state = {"interrupted_at": None}
+
+    with UNetCounter() as counter:
+        def hook(value, total, preview=None, node_id=None):
+            if value == 3 and state["interrupted_at"] is None and total == 30:
+                state["interrupted_at"] = len(counter.batches)
+                comfy.model_management.interrupt_current_processing(True)
+
+        executor, server, outputs = comfy_host.run_prompt(prompt, progress_hook=hook)
+    events = [e for e, d in executor.status_messages]
+    assert "execution_interrupted" in events and "execution_success" not in events
+    assert state["interrupted_at"] is not None
+    assert len(counter.batches) - state["interrupted_at"] <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# through the HTTP server, with the headless runner
+
+@pytest.fixture(scope="module")
+def server():
+    import sys
+
+    sys.path.insert(0, str(comfy_host.ROOT / "scripts"))
+    import run_workflow
+
+    local = run_workflow.LocalComfy(comfy_host.COMFYUI_PATH, comfy_host.tiny_checkpoint().parent, True, [])
+    local.start(120)
+    import asyncio
+    import aiohttp
+
+    async def ready():
+        async with aiohttp.ClientSession() as s:
+            await run_workflow.wait_ready(s, local.url, local, 120)
+
+    asyncio.run(ready())
+    yield local
+    local.stop()
+
+
+def _runner(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(comfy_host.ROOT / "scripts" / "run_workflow.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_runner_runs_example_workflow_over_http(server, tmp_path):
+    r = _runner(str(WORKFLOWS[0]), "--server", server.url, "--checkpoint", comfy_host.TINY_CKPT_NAME,
+                "--set", "5.width=64", "--set", "5.height=64", "--set", "7.steps=5", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    pngs = sorted(tmp_path.rglob("*.png"))
+    assert len(pngs) == 3
+    assert "step 5/5" in r.stdout
+
+
+def test_runner_reports_failures_clearly(server, tmp_path):
+    r = _runner(str(WORKFLOWS[0]), "--server", server.url, "--checkpoint", "missing.safetensors",
+                "--out", str(tmp_path))
+    assert r.returncode == 2 and "missing.safetensors" in r.stderr
+    r = _runner(str(WORKFLOWS[0]), "--server", server.url, "--checkpoint", comfy_host.TINY_CKPT_NAME,
+                "--set", "5.width=64", "--set", "5.height=64", "--set", "7.guidance=3.0",
+                "--set", '7.negative=null', "--out", str(tmp_path))
+    assert r.returncode in (1, 2) and "negative" in r.stderr, r.stderr
+    ui = comfy_host.ROOT / "workflows" / f"{WORKFLOWS[0].stem}.json"
+    r = _runner(str(ui), "--server", server.url)
+    assert r.returncode == 2 and "UI-format" in r.stderr
+
+
+def test_ui_workflows_are_served_as_templates(server):
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/workflow_templates") as r:
+        templates = json.load(r)
+    ours = templates.get(comfy_host.PACK_DIR_NAME, [])
+    ui_files = sorted(p.stem for p in (comfy_host.ROOT / "workflows").glob("*.json"))
+    assert sorted(ours) == ui_files and ui_files
+    with urllib.request.urlopen(f"{server.url}/object_info/InverseDDIMInversion") as r:
+        info = json.load(r)["InverseDDIMInversion"]
+    assert info["category"].startswith("Inverse")
+
+
+def test_runner_starts_comfyui_itself(tmp_path):
+    r = _runner(str(WORKFLOWS[0]), "--comfyui", str(comfy_host.COMFYUI_PATH), "--tiny-checkpoint",
+                "--set", "5.width=64", "--set", "5.height=64", "--set", "7.steps=4", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert len(list(tmp_path.rglob("*.png"))) == 3
