@@ -460,3 +460,21 @@ def test_runner_starts_comfyui_itself(tmp_path):
                 "--set", "5.width=64", "--set", "5.height=64", "--set", "7.steps=4", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert len(list(tmp_path.rglob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_ui_workflow_is_the_twin_of_the_api_workflow(pack, path):
+    """Every API workflow has a UI-format twin that queues exactly the same prompt."""
+    import nodes
+    import ui_workflows
+
+    ui_path = comfy_host.ROOT / "workflows" / path.name
+    assert ui_path.is_file(), f"missing UI twin {ui_path} (run python tests/ui_workflows.py)"
+    ui = json.loads(ui_path.read_text())
+    api = json.loads(path.read_text())
+    assert ui_workflows.ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS) == ui_workflows.normalise_api(api)
+    linked = {l[0] for l in ui["links"]}
+    for n in ui["nodes"]:
+        assert n["type"] in nodes.NODE_CLASS_MAPPINGS
+        for i in n["inputs"]:
+            assert i["link"] is None or i["link"] in linked
