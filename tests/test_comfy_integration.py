@@ -478,3 +478,29 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow(pack, path):
         assert n["type"] in nodes.NODE_CLASS_MAPPINGS
         for i in n["inputs"]:
             assert i["link"] is None or i["link"] in linked
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_models_predict_and_differentiate(glue, loaded, dtype):
+    """16-bit weights (cast per layer where the device needs it): eps stays float32 and close
+    to the float32 model's, and gradients are finite."""
+    import comfy.sd
+
+    model32, clip, vae, pos, neg = loaded
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+
+    def run(pred):
+        eps = pred(z, 500, ["positive"])[0]
+        with pred.autograd():
+            zz = z.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(pred(zz, 500, ["positive"])[0].square().sum(), zz)
+        return eps, g
+
+    with torch.inference_mode():
+        model16 = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()), output_vae=False,
+                                                        output_clip=False, model_options={"dtype": dtype})[0]
+        assert next(model16.model.diffusion_model.parameters()).dtype == dtype
+        eps16, g16 = glue.run_with_predictor(model16, {"positive": pos}, z.shape, run)
+        eps32, g32 = glue.run_with_predictor(model32, {"positive": pos}, z.shape, run)
+    assert eps16.dtype == torch.float32 and torch.isfinite(g16).all()
+    assert _rel(eps16, eps32) < 0.05 and _rel(g16, g32) < 0.1
