@@ -29,6 +29,17 @@ def _latent_from_inputs(latent, image, vae) -> torch.Tensor:
     return glue.encode_image(vae, image)
 
 
+def _guidance_conds(positive, negative, guidance: float):
+    """The named conditionings a guided run needs, and the name of the unconditional branch
+    (None at guidance 1, where only the conditional branch is evaluated)."""
+    if guidance == 1.0:
+        return {"positive": positive}, None
+    if negative is None:
+        raise glue.InverseInputError("negative: guidance other than 1 needs a negative conditioning; "
+                                     "connect one or set guidance to 1.")
+    return {"positive": positive, "negative": negative}, "negative"
+
+
 class DDIMInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -68,16 +79,9 @@ class DDIMInversion(io.ComfyNode):
     def execute(cls, model, positive, steps, guidance, spacing, negative=None, latent=None, image=None,
                 vae=None) -> io.NodeOutput:
         glue.check_diffusion_model(model)
-        if guidance != 1.0 and negative is None:
-            raise glue.InverseInputError("negative: guidance other than 1 needs a negative conditioning; "
-                                         "connect one or set guidance to 1.")
+        conds, uncond = _guidance_conds(positive, negative, guidance)
         samples = _latent_from_inputs(latent, image, vae)
         grid = glue.make_grid(model, steps, spacing)
-        conds = {"positive": positive}
-        uncond = None
-        if guidance != 1.0:
-            conds["negative"] = negative
-            uncond = "negative"
         progress = glue.ProgressReporter(grid.steps)
 
         def run(pred):
@@ -127,15 +131,9 @@ class DDIMSampleFromInversion(io.ComfyNode):
         grid = inversion.grid
         if skip_steps >= grid.steps:
             raise glue.InverseInputError(f"skip_steps: must be below the inversion's {grid.steps} steps.")
-        if guidance != 1.0 and negative is None:
-            raise glue.InverseInputError("negative: guidance other than 1 needs a negative conditioning.")
+        conds, uncond = _guidance_conds(positive, negative, guidance)
         shape = inversion.z0.shape
         latent_mask = glue.latent_mask(mask, shape, "mask") if mask is not None else None
-        conds = {"positive": positive}
-        uncond = None
-        if guidance != 1.0:
-            conds["negative"] = negative
-            uncond = "negative"
         progress = glue.ProgressReporter(grid.steps - skip_steps)
 
         def run(pred):
