@@ -93,7 +93,8 @@ def ddim_sample(predictor: NoisePredictor, z_T: Tensor, grid: TimestepGrid, cond
     With a ``mask`` (1 = regenerate, broadcastable to the latent) and ``keep`` (the latents of
     every level in sampling order, e.g. an inversion trajectory reversed), the region where the
     mask is 0 is replaced after every step by the kept latent of that level, as in
-    blended/known-region sampling. Returns the trajectory in sampling order, ending clean.
+    blended/known-region sampling. ``uncond`` may be a list with one handle per step (null-text
+    inversion's per-step embeddings). Returns the trajectory in sampling order, ending clean.
     """
     if mask is not None and (keep is None or len(keep) != len(grid.timesteps)):
         raise ValueError("a mask needs the latents to keep at every level of the grid")
@@ -102,7 +103,8 @@ def ddim_sample(predictor: NoisePredictor, z_T: Tensor, grid: TimestepGrid, cond
     traj = [z]
     total = grid.steps - start_step
     for i in range(start_step, grid.steps):
-        eps = guided_eps(predictor, z, ts[i], cond, uncond, guidance)
+        u = uncond[i] if isinstance(uncond, list) else uncond
+        eps = guided_eps(predictor, z, ts[i], cond, u, guidance)
         z = ddim_step(z, eps.float(), ab[i], ab[i + 1])
         if mask is not None:
             z = mask * z + (1.0 - mask) * keep[i + 1].to(z)

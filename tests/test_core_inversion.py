@@ -1,0 +1,156 @@
+"""Iterative and stateful inversions in core/inversion.py, on the analytic reference denoiser."""
+import math
+
+import pytest
+import torch
+
+from comfyui_inverse.core import ddim, inversion, schedule
+from comfyui_inverse.core.reference import MixturePrior
+
+from test_core_ddim import _reference
+
+
+def _grid(ac, steps):
+    spacing = "leading" if steps > 10 else "trailing"
+    return schedule.TimestepGrid.from_schedule(
+        ac, schedule.timestep_spacing(steps, spacing=spacing, steps_offset=1 if spacing == "leading" else 0))
+
+
+@pytest.mark.parametrize("steps", [50, 4])
+@pytest.mark.parametrize("method", ["fixed_point", "gradient_descent"])
+def test_iterative_baselines_solve_the_implicit_equation(method, steps):
+    model, ac, z0 = _reference(components=1)
+    grid = _grid(ac, steps)
+    ddim_rec = ddim.ddim_sample(model, ddim.ddim_invert(model, z0, grid, "c")[-1], grid, "c")[-1]
+    traj, rep = inversion.iterative_invert(model, z0, grid, "c", method=method,
+                                           cfg=inversion.SolverConfig(iterations=30, tol=1e-4))
+    rec = ddim.ddim_sample(model, traj[-1], grid, "c")[-1]
+    assert max(rep.residuals) < 1e-4 if method == "fixed_point" else sum(rep.residuals) / steps < 5e-3
+    assert ddim.reconstruction_rmse(rec, z0) < 0.1 * ddim.reconstruction_rmse(ddim_rec, z0)
+    for hist in rep.history:  # residuals fall monotonically within every step
+        assert all(b <= a * 1.0001 for a, b in zip(hist, hist[1:]))
+
+
+def test_fixed_point_with_one_iteration_is_ddim_inversion():
+    model, ac, z0 = _reference()
+    grid = _grid(ac, 10)
+    ref = ddim.ddim_invert(model, z0, grid, "c", "u", 2.0)
+    ours, _ = inversion.iterative_invert(model, z0, grid, "c", "u", 2.0, "fixed_point",
+                                         inversion.SolverConfig(iterations=1, tol=0.0))
+    # one fixed-point update from z_s evaluates eps(z_s, t): eq. 4 exactly
+    assert ddim.reconstruction_rmse(ours[1], ref[1]) < 1e-6
+
+
+def test_rnri_objective_gradient_matches_finite_differences():
+    model, ac, z0 = _reference(shape=(1, 4, 4, 4))
+    grid = _grid(ac, 10)
+    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+    step = inversion._Step(model, z0.double(), ts[3], ab[2], ab[3], "c", "u", 3.0)
+    z = (z0 + 0.1 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(4))).double().requires_grad_(True)
+    F, _ = inversion.rnri_objective(step, z, 0.1)
+    (g,) = torch.autograd.grad(F, z)
+    d = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (inversion.rnri_objective(step, z + h * d, 0.1)[0] - inversion.rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
+    assert float((g * d).sum()) == pytest.approx(float(fd), rel=1e-5)
+
+
+@pytest.mark.parametrize("jacobian_free", [False, True])
+def test_rnri_lowers_the_residual_of_every_step(jacobian_free):
+    model, ac, z0 = _reference()
+    grid = _grid(ac, 20)
+    _, rep = inversion.iterative_invert(model, z0, grid, "c", method="rnri",
+                                        cfg=inversion.SolverConfig(iterations=2, jacobian_free=jacobian_free))
+    assert len(rep.residuals) == 20
+    for hist in rep.history:
+        assert hist[-1] < hist[0]
+
+
+def test_inner_loops_stop_within_one_model_call_on_cancel():
+    model, ac, z0 = _reference()
+    grid = _grid(ac, 10)
+
+    class Cancelled(Exception):
+        pass
+
+    class Cancelling:
+        def __init__(self, after):
+            self.after, self.calls = after, 0
+
+        def __call__(self, z, t, conds):
+            if self.calls >= self.after:
+                raise Cancelled
+            self.calls += 1
+            return model(z, t, conds)
+
+    for method in ("rnri", "fixed_point", "gradient_descent"):
+        p = Cancelling(5)
+        with pytest.raises(Cancelled):
+            inversion.iterative_invert(p, z0, grid, "c", method=method, cfg=inversion.SolverConfig(iterations=10, tol=0))
+        assert p.calls == 5
+    pivot = ddim.ddim_invert(model, z0[:1], grid, "c")
+    p = Cancelling(7)
+    u = model.priors["u"]
+    with pytest.raises(Cancelled):
+        inversion.null_text_optimize(p, pivot, grid, "c", u.means[0].float(),
+                                     lambda m: MixturePrior(m[None], u.stds, u.weights), inner_steps=50, tol=0)
+    assert p.calls == 7
+
+
+@pytest.mark.parametrize("steps", [50, 4])
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_ddpm_inversion_reconstructs_exactly(steps, guidance):
+    model, ac, z0 = _reference(components=1)
+    grid = _grid(ac, steps)
+    xs, maps = inversion.ddpm_invert(model, z0, grid, "c", "u", guidance, torch.Generator().manual_seed(0))
+    assert len(xs) == steps + 1 and len(maps) == steps
+    rec = inversion.ddpm_sample(model, xs[-1], grid, maps, "c", "u", guidance)[-1]
+    assert ddim.reconstruction_rmse(rec, z0) < 1e-5
+    # the forward samples are independent draws at every level, not a DDIM path
+    assert ddim.reconstruction_rmse(xs[1], ddim.ddim_invert(model, z0, grid, "c")[1]) > 1e-2
+
+
+@pytest.mark.parametrize("steps", [50, 4])
+def test_null_text_inversion_reconstructs_at_high_guidance(steps):
+    model, ac, z0 = _reference(components=1)
+    z0 = z0[:1]
+    grid = _grid(ac, steps)
+    u = model.priors["u"]
+    make = lambda m: MixturePrior(m[None], u.stds, u.weights)  # noqa: E731
+    pivot = ddim.ddim_invert(model, z0, grid, "c")
+    plain = ddim.ddim_sample(model, pivot[-1], grid, "c", "u", 7.5)[-1]
+    embs, losses = inversion.null_text_optimize(model, pivot, grid, "c", u.means[0].float(), make, 7.5,
+                                                inner_steps=200, lr=0.05)
+    assert len(embs) == steps
+    rec = ddim.ddim_sample(model, pivot[-1], grid, "c", [make(e) for e in embs], 7.5)[-1]
+    assert ddim.reconstruction_rmse(rec, z0) < 0.05 * ddim.reconstruction_rmse(plain, z0)
+    assert max(losses) < 2e-3
+
+
+def test_sample_from_inversion_dispatches_by_method():
+    from comfyui_inverse.core.result import InversionResult
+
+    model, ac, z0 = _reference(components=1)
+    grid = _grid(ac, 8)
+    xs, maps = inversion.ddpm_invert(model, z0, grid, "c", generator=torch.Generator().manual_seed(1))
+    res = InversionResult(xs, grid, method="ddpm", extras={"noise_maps": maps})
+    assert ddim.reconstruction_rmse(inversion.sample_from_inversion(model, res, "c")[-1], z0) < 1e-5
+    traj = ddim.ddim_invert(model, z0, grid, "c")
+    res = InversionResult(traj, grid, method="ddim")
+    ref = ddim.ddim_sample(model, traj[-1], grid, "c")[-1]
+    assert torch.equal(inversion.sample_from_inversion(model, res, "c")[-1], ref)
+
+
+def test_prompt_aware_adjustment_is_the_short_noise_denoise_fixed_point():
+    """RNRI sec. 4.2: each round maps z0 through 2 DDIM inversion steps and 2 DDIM sampling steps
+    with the prompt; rounds compose; zero rounds leave the latent alone."""
+    model, ac, z0 = _reference()
+    grid = _grid(ac, 50)
+    sub = schedule.TimestepGrid(grid.timesteps[-3:], grid.alphas_cumprod[-3:])
+    h = lambda z: ddim.ddim_sample(model, ddim.ddim_invert(model, z, sub, "c", "u", 3.0)[-1], sub, "c", "u", 3.0)[-1]  # noqa: E731
+    assert torch.equal(inversion.prompt_aware_adjust(model, z0, grid, "c", "u", 3.0, rounds=0), z0)
+    one = inversion.prompt_aware_adjust(model, z0, grid, "c", "u", 3.0, rounds=1)
+    two = inversion.prompt_aware_adjust(model, z0, grid, "c", "u", 3.0, rounds=2)
+    assert torch.allclose(one, h(z0), atol=1e-6) and torch.allclose(two, h(h(z0)), atol=1e-6)
+    assert 0 < ddim.reconstruction_rmse(two, z0) < 0.05 * float(z0.std())
