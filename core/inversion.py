@@ -55,6 +55,7 @@ class SolverConfig:
 @dataclass
 class StepReport:
     residuals: list[float] = field(default_factory=list)   # mean|z - f(z)| of the returned latent, per step
+    # (solvers return the best iterate they saw, so this is the minimum of each step's history)
     iterations: list[int] = field(default_factory=list)    # updates made per step
     history: list[list[float]] = field(default_factory=list)  # residual after every update, per step
 
@@ -88,16 +89,25 @@ def _mean_abs(r: Tensor) -> float:
     return float(r.detach().abs().mean())
 
 
+def _keep_best(best, res: float, z: Tensor):
+    """Solvers return the iterate with the lowest residual seen (a diverging iteration, e.g.
+    fixed-point at high guidance on few steps, then stops at its best point)."""
+    if best is None or res < best[0] or not math.isfinite(best[0]):
+        return (res, z.detach().clone())
+    return best
+
+
 def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float]]:
     """RNRI eq. 8: z_i <- z_i - F(z) / (d (g_i + eta)), g = dF/dz, from z^0 = z_s.
 
-    With ``cfg.jacobian_free`` the model's Jacobian is dropped (authors' code): g =
-    sign(r) + lambda (z - m) / v, computed without a backward pass through the model.
+    With ``cfg.jacobian_free`` the model's Jacobian is dropped and the step returns f(z^K) as the
+    authors' public code does: g = sign(r) + lambda (z - m) / v, no backward pass through the
+    model; the residual of the returned f(z^K) costs one more model call.
     The sign of g is kept when adding eta, and each update is clamped to ``max_update``.
     """
     z = step.z_s.detach().clone()
     d = z.numel()
-    hist = []
+    hist, best = [], None
     ratio = step.a_t / step.a_s
     var = max(1.0 - ratio, 1e-12)
     for k in range(cfg.iterations + 1):
@@ -117,34 +127,44 @@ def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tup
                     (g,) = torch.autograd.grad(F, zz)
             F = F.detach()
         hist.append(res)
-        if res < cfg.tol or last:
+        best = _keep_best(best, res, z)
+        if res < cfg.tol:
+            break
+        if last:
+            if cfg.jacobian_free:  # the authors' code returns f(z^K): one more fixed-point update
+                with torch.no_grad():
+                    fz = (z - r).detach()
+                    res2 = _mean_abs(fz - step.f(fz))
+                hist.append(res2)
+                best = _keep_best(best, res2, fz)
             break
         g = g.detach()
         denom = g + cfg.eta * torch.where(g >= 0, 1.0, -1.0)
         update = (F / d) / denom
         z = (z - update.clamp(-cfg.max_update, cfg.max_update)).detach()
-    return z.detach(), hist
+    return best[1], hist, best[0]
 
 
 def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float]]:
     """Fixed-point iteration z^{k+1} = f(z^k) from z^0 = z_s (AIDI; its first update is DDIM inversion)."""
     z = step.z_s.detach().clone()
-    hist = []
+    hist, best = [], None
     with torch.no_grad():
         for k in range(cfg.iterations + 1):
             fz = step.f(z)
             res = _mean_abs(z - fz)
             hist.append(res)
+            best = _keep_best(best, res, z)
             if res < cfg.tol or k == cfg.iterations:
                 break
             z = fz
-    return z, hist
+    return best[1], hist, best[0]
 
 
 def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float]]:
     """Gradient descent z <- z - lr * grad 0.5 ||z - f(z)||^2 from z^0 = z_s (ExactDPM-style baseline)."""
     z = step.z_s.detach().clone()
-    hist = []
+    hist, best = [], None
     for k in range(cfg.iterations + 1):
         last = k == cfg.iterations
         with grad_context():
@@ -154,10 +174,11 @@ def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradCon
             if not last and res >= cfg.tol:
                 (g,) = torch.autograd.grad(0.5 * (r ** 2).sum(), zz)
         hist.append(res)
+        best = _keep_best(best, res, z)
         if res < cfg.tol or last:
             break
         z = (z - cfg.lr * g.detach()).detach()
-    return z, hist
+    return best[1], hist, best[0]
 
 
 SOLVERS = {
@@ -185,9 +206,9 @@ def iterative_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, 
     traj, report = [z], StepReport()
     for i in range(1, len(ts)):
         step = _Step(predictor, z, ts[i], ab[i - 1], ab[i], cond, uncond, guidance)
-        z, hist = solve(step, cfg, grad_context)
+        z, hist, res = solve(step, cfg, grad_context)
         traj.append(z)
-        report.residuals.append(hist[-1])
+        report.residuals.append(res)
         report.iterations.append(len(hist) - 1)
         report.history.append(hist)
         if callback is not None:
