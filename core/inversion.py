@@ -120,7 +120,7 @@ def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tup
                 g = torch.sign(r) + cfg.lam * (z - math.sqrt(ratio) * step.z_s) / var
         else:
             with grad_context():
-                zz = z.detach().requires_grad_(True)
+                zz = z.detach().clone().requires_grad_(True)
                 F, r = rnri_objective(step, zz, cfg.lam)
                 res = _mean_abs(r)
                 if res >= cfg.tol:
@@ -168,7 +168,7 @@ def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradCon
     for k in range(cfg.iterations + 1):
         last = k == cfg.iterations
         with grad_context():
-            zz = z.detach().requires_grad_(not last)
+            zz = z.detach().clone().requires_grad_(not last)
             r = zz - step.f(zz)
             res = _mean_abs(r)
             if not last and res >= cfg.tol:

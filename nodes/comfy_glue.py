@@ -191,7 +191,8 @@ class ComfyNoisePredictor:
         self.device = guider.model_patcher.load_device
         self.sigma_table = model_sigma_table(guider.model_patcher)
         self.alphas_cumprod = core_schedule.alphas_cumprod_from_sigmas(self.sigma_table)
-        self.calls = 0
+        self.calls = 0          # batched model calls
+        self.grad_calls = 0     # of which made with gradients (each followed by a backward pass)
         self._on_call = on_call
 
     # latent format (e.g. SD's 0.18215 scale) ------------------------------------------------
@@ -223,6 +224,8 @@ class ComfyNoisePredictor:
             options = self._with_context_overrides(options, overrides)
         denoised = comfy.samplers.calc_cond_batch(self.inner_model, cond_lists, x, sigmas, options)
         self.calls += 1
+        if torch.is_grad_enabled() and (z.requires_grad or any(c.requires_grad for c in overrides.values())):
+            self.grad_calls += 1
         if self._on_call is not None:
             self._on_call()
         return torch.stack([(x - d.float()) / sigma for d in denoised])
@@ -318,14 +321,19 @@ def run_with_predictor(model, conds: Mapping[str, Any], latent_shape: Sequence[i
 
 
 class ProgressReporter:
-    """ComfyUI progress bar for a core loop; also a cancel point after every step."""
+    """ComfyUI progress bar for one or more core loops run one after the other (``total`` steps in
+    all); also a cancel point after every step. ``stage(offset)`` reports a later loop's steps."""
 
-    def __init__(self, total: int, node_id: Optional[str] = None):
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    def __init__(self, total: int, node_id: Optional[str] = None, offset: int = 0, bar=None):
+        self.bar = bar or comfy.utils.ProgressBar(total, node_id=node_id)
         self.total = total
+        self.offset = offset
+
+    def stage(self, offset: int) -> "ProgressReporter":
+        return ProgressReporter(self.total, offset=offset, bar=self.bar)
 
     def __call__(self, step: int, total: int, z: Tensor) -> None:
-        self.bar.update_absolute(step + 1, total)
+        self.bar.update_absolute(self.offset + step + 1, self.total)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
@@ -400,3 +408,13 @@ def latent_mask(mask: Tensor, latent_shape: Sequence[int], input_name: str = "ma
     m = torch.nn.functional.interpolate(mask[:, None].float(), size=tuple(latent_shape[-2:]), mode="bilinear",
                                         align_corners=False)
     return m.expand(B, 1, *latent_shape[-2:]).clamp(0.0, 1.0)
+
+
+def check_cond_batch(cond, batch: int, input_name: str) -> None:
+    """A CONDITIONING's batch must be 1 (shared) or the latent batch."""
+    for entry in cond:
+        n = int(entry[0].shape[0]) if isinstance(entry[0], torch.Tensor) else 1
+        if n not in (1, batch):
+            raise InverseInputError(
+                f"{input_name}: the conditioning has a batch of {n} but the latent has {batch}; encode one prompt "
+                f"(batch 1, shared by all images) or exactly one per image.")

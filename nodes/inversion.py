@@ -1,19 +1,58 @@
-"""Inversion nodes: DDIM inversion, DDIM sampling from an inversion, the inversion SAMPLER."""
+"""Inversion nodes: DDIM, exact (RNRI / fixed-point / gradient descent), negative-prompt,
+null-text and edit-friendly DDPM inversion; sampling from any inversion; the inversion SAMPLER.
+
+Every inversion node outputs the same INVERSE_INVERSION socket plus the noise latent, the SIGMAS
+of its steps (for SamplerCustomAdvanced) and a one-line text report.
+"""
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
 from ..core import ddim
+from ..core import inversion as inv
 from ..core.result import InversionResult
 from ..core.schedule import SPACINGS
 from . import comfy_glue as glue
 from .types import CATEGORY, Inversion
 
 SPACING_OPTIONS = ["auto", *SPACINGS]
+SUB = f"{CATEGORY}/inversion"
 
 _SPACING_TIP = ("Which timesteps the steps use. auto: 'lcm' for LCM models, else 'leading' (Stable "
                 "Diffusion's DDIM default, steps_offset 1). 'trailing' suits Turbo and zero-SNR models.")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared inputs and outputs
+
+def _source_inputs(steps_default: int = 50, guidance_default: float = 1.0, negative_tip: str = None) -> list:
+    return [
+        io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, LCM, Turbo)."),
+        io.Conditioning.Input("positive", tooltip="The prompt describing the image being inverted."),
+        io.Conditioning.Input("negative", optional=True, tooltip=negative_tip or
+                              "Negative/unconditional prompt; used only when guidance is not 1."),
+        io.Latent.Input("latent", optional=True,
+                        tooltip="The latent of the image to invert (e.g. from VAE Encode). Or connect image + vae."),
+        io.Image.Input("image", optional=True, tooltip="The image to invert, encoded with the vae input."),
+        io.Vae.Input("vae", optional=True, tooltip="VAE used to encode the image input."),
+        io.Int.Input("steps", default=steps_default, min=1, max=1000,
+                     tooltip="Number of steps; 50 for SD models, 2-8 for LCM/Turbo."),
+        io.Float.Input("guidance", default=guidance_default, min=0.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale the inversion is made for; sample with the same "
+                               "scale to reconstruct."),
+        io.Combo.Input("spacing", options=SPACING_OPTIONS, default="auto", tooltip=_SPACING_TIP),
+    ]
+
+
+def _result_outputs() -> list:
+    return [
+        Inversion.Output(display_name="inversion", tooltip="The inversion: trajectory, timesteps, method state."),
+        io.Latent.Output(display_name="noise_latent",
+                         tooltip="The inverted noise, in ComfyUI's convention (sample it with add_noise off)."),
+        io.Sigmas.Output(display_name="sigmas", tooltip="The sigmas of the inversion's steps."),
+        io.String.Output(display_name="report", tooltip="Method, steps, model calls and per-step residuals."),
+    ]
 
 
 def _latent_from_inputs(latent, image, vae) -> torch.Tensor:
@@ -40,83 +79,279 @@ def _guidance_conds(positive, negative, guidance: float):
     return {"positive": positive, "negative": negative}, "negative"
 
 
+class _Source:
+    """Validated inputs of an inversion node."""
+
+    def __init__(self, model, positive, negative, latent, image, vae, steps, guidance, spacing):
+        glue.check_diffusion_model(model)
+        self.model = model
+        self.samples = _latent_from_inputs(latent, image, vae)
+        self.conds, self.uncond = _guidance_conds(positive, negative, guidance)
+        for name, c in self.conds.items():
+            glue.check_cond_batch(c, self.samples.shape[0], name)
+        self.grid = glue.make_grid(model, steps, spacing)
+        self.guidance = guidance
+        self.progress = glue.ProgressReporter(self.grid.steps)
+
+    def two_stage_progress(self):
+        """Progress for a node that runs two loops of ``steps`` steps each."""
+        self.progress = glue.ProgressReporter(2 * self.grid.steps)
+        return self.progress, self.progress.stage(self.grid.steps)
+
+    def run(self, fn, extra_conds=None):
+        """fn(pred, z0) -> value, with z0 the model-space latent on the model's device."""
+        conds = dict(self.conds, **(extra_conds or {}))
+        return glue.run_with_predictor(
+            self.model, conds, self.samples.shape,
+            lambda pred: fn(pred, pred.process_latent_in(self.samples.to(pred.device))))
+
+
+def _report(result: InversionResult) -> str:
+    e = result.extras
+    parts = [f"{result.method}: {result.grid.steps} steps, guidance {result.guidance:g}",
+             f"{e.get('model_calls', 0)} model calls"]
+    if e.get("grad_calls"):
+        parts.append(f"{e['grad_calls']} with gradients")
+    res = e.get("residuals")
+    if res:
+        parts.append(f"residual mean|z - f(z)| per step: mean {sum(res) / len(res):.2e}, max {max(res):.2e}, "
+                     f"below 1e-4 on {sum(r < 1e-4 for r in res)}/{len(res)} steps")
+    if e.get("null_text_losses"):
+        parts.append(f"null-text loss max {max(e['null_text_losses']):.2e}")
+    return "; ".join(parts)
+
+
+def _outputs(model, result: InversionResult) -> io.NodeOutput:
+    noise = glue.to_comfy_latent(result.noise_latent, result.grid.alphas_cumprod[0])
+    return io.NodeOutput(result, {"samples": model.model.process_latent_out(noise)},
+                         glue.grid_sigmas(result.grid), _report(result))
+
+
+def _cpu(traj):
+    return [z.detach().float().cpu() for z in traj]
+
+
+# ---------------------------------------------------------------------------------------------
+# inversion nodes
+
 class DDIMInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InverseDDIMInversion",
             display_name="DDIM Inversion",
-            category=f"{CATEGORY}/inversion",
+            category=SUB,
             description=("Finds the noise that regenerates an image: runs DDIM backwards (Song et al. 2021; "
                          "RNRI paper eq. 4) from the image's latent to the noisiest step. Outputs the whole "
                          "trajectory for the Inverse sampling and editing nodes, plus the noise latent and "
                          "SIGMAS for SamplerCustomAdvanced with DisableNoise and the ddim/euler sampler."),
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, LCM, Turbo)."),
-                io.Conditioning.Input("positive", tooltip="The prompt describing the image being inverted."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative/unconditional prompt; used only when guidance is not 1."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="The latent of the image to invert (e.g. from VAE Encode). Or connect image + vae."),
-                io.Image.Input("image", optional=True, tooltip="The image to invert, encoded with the vae input."),
-                io.Vae.Input("vae", optional=True, tooltip="VAE used to encode the image input."),
-                io.Int.Input("steps", default=50, min=1, max=1000,
-                             tooltip="Number of DDIM steps; 50 for SD models, 2-8 for LCM/Turbo."),
-                io.Float.Input("guidance", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale during inversion. 1 (the default) inverts "
-                                       "most faithfully; larger values make plain DDIM inversion inexact."),
-                io.Combo.Input("spacing", options=SPACING_OPTIONS, default="auto", tooltip=_SPACING_TIP),
-            ],
-            outputs=[
-                Inversion.Output(display_name="inversion", tooltip="The inversion trajectory and its timesteps."),
-                io.Latent.Output(display_name="noise_latent",
-                                 tooltip="The inverted noise, in ComfyUI's convention (sample it with add_noise off)."),
-                io.Sigmas.Output(display_name="sigmas", tooltip="The sigmas of the inversion's steps."),
-            ],
+            inputs=_source_inputs(),
+            outputs=_result_outputs(),
         )
 
     @classmethod
     def execute(cls, model, positive, steps, guidance, spacing, negative=None, latent=None, image=None,
                 vae=None) -> io.NodeOutput:
-        glue.check_diffusion_model(model)
-        conds, uncond = _guidance_conds(positive, negative, guidance)
-        samples = _latent_from_inputs(latent, image, vae)
-        grid = glue.make_grid(model, steps, spacing)
-        progress = glue.ProgressReporter(grid.steps)
+        src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
 
-        def run(pred):
-            z0 = pred.process_latent_in(samples.to(pred.device))
-            traj = ddim.ddim_invert(pred, z0, grid, "positive", uncond, guidance, callback=progress)
-            return [z.detach().float().cpu() for z in traj], pred.calls
+        def run(pred, z0):
+            traj = ddim.ddim_invert(pred, z0, src.grid, "positive", src.uncond, guidance, callback=src.progress)
+            return _cpu(traj), pred.calls
 
-        traj, calls = glue.run_with_predictor(model, conds, samples.shape, run)
-        result = InversionResult(traj, grid, method="ddim", guidance=guidance, extras={"model_calls": calls})
-        noise = glue.to_comfy_latent(result.noise_latent, grid.alphas_cumprod[0])
-        out_latent = {"samples": model.model.process_latent_out(noise)}
-        return io.NodeOutput(result, out_latent, glue.grid_sigmas(grid))
+        traj, calls = src.run(run)
+        return _outputs(model, InversionResult(traj, src.grid, "ddim", guidance, {"model_calls": calls}))
 
 
-class DDIMSampleFromInversion(io.ComfyNode):
+EXACT_METHODS = ["rnri", "rnri_jacobian_free", "fixed_point", "gradient_descent"]
+
+
+class ExactInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InverseDDIMSample",
-            display_name="DDIM Sample from Inversion",
-            category=f"{CATEGORY}/inversion",
-            description=("Runs deterministic DDIM sampling (RNRI paper eq. 2) from an inversion's noise on the "
-                         "inversion's own timesteps. With the inversion's prompt and guidance it reconstructs "
-                         "the image; with another prompt it edits it. A mask limits the change to a region."),
+            node_id="InverseExactInversion",
+            display_name="Exact Inversion (RNRI / fixed-point / gradient)",
+            category=SUB,
+            description=("Inverts by solving DDIM's implicit inversion equation z = f(z) at every step instead "
+                         "of approximating it (RNRI paper eq. 3). rnri: Regularized Newton-Raphson (eq. 7-8, "
+                         "gradients through the model); rnri_jacobian_free: the authors' code (no backward pass); "
+                         "fixed_point: AIDI/ReNoise iteration; gradient_descent: ExactDPM-style. Each step stops "
+                         "early once the residual is below the tolerance; the report lists the residuals."),
+            inputs=_source_inputs() + [
+                io.Combo.Input("method", options=EXACT_METHODS, default="rnri",
+                               tooltip="Solver for each step's implicit equation."),
+                io.Int.Input("iterations", default=2, min=0, max=100,
+                             tooltip="Most updates per step (RNRI: 2; fixed-point/gradient need more)."),
+                io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
+                               tooltip="Stop a step once mean|z - f(z)| is below this."),
+                io.Float.Input("lambda_prior", default=0.1, min=0.0, max=10.0, step=0.01,
+                               tooltip="RNRI's weight of the Gaussian prior of the forward step (eq. 7; paper: 0.1)."),
+                io.Int.Input("adjust_rounds", default=0, min=0, max=10,
+                             tooltip="Prompt-aware adjustment (RNRI sec. 4.2): rounds of noising 2 steps and "
+                                     "denoising them with the prompt before inverting; 2 helps at high guidance."),
+            ],
+            outputs=_result_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, positive, steps, guidance, spacing, method, iterations, tolerance, lambda_prior,
+                adjust_rounds, negative=None, latent=None, image=None, vae=None) -> io.NodeOutput:
+        if method not in EXACT_METHODS:
+            raise glue.InverseInputError(f"method: choose one of {', '.join(EXACT_METHODS)}.")
+        src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
+        cfg = inv.SolverConfig(iterations=iterations, tol=tolerance, lam=lambda_prior,
+                               jacobian_free=method == "rnri_jacobian_free")
+        solver = "rnri" if method.startswith("rnri") else method
+
+        def run(pred, z0):
+            z0 = inv.prompt_aware_adjust(pred, z0, src.grid, "positive", src.uncond, guidance, rounds=adjust_rounds)
+            traj, rep = inv.iterative_invert(pred, z0, src.grid, "positive", src.uncond, guidance, solver, cfg,
+                                             callback=src.progress, grad_context=pred.autograd)
+            return _cpu(traj), rep, pred.calls, pred.grad_calls
+
+        traj, rep, calls, grad_calls = src.run(run)
+        extras = {"model_calls": calls, "grad_calls": grad_calls, "residuals": rep.residuals,
+                  "iterations": rep.iterations, "history": rep.history, "adjust_rounds": adjust_rounds}
+        return _outputs(model, InversionResult(traj, src.grid, method, guidance, extras))
+
+
+class NegativePromptInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InverseNegativePromptInversion",
+            display_name="Negative-Prompt Inversion",
+            category=SUB,
+            description=("Negative-prompt inversion (Miyake et al. 2023): DDIM inversion with the source prompt at "
+                         "guidance 1; when sampling or editing, the unconditional branch uses the source prompt "
+                         "instead of the empty prompt, which keeps the reconstruction at any guidance scale "
+                         "without any optimisation."),
+            inputs=[i for i in _source_inputs() if i.id not in ("negative", "guidance")],
+            outputs=_result_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, positive, steps, spacing, latent=None, image=None, vae=None) -> io.NodeOutput:
+        src = _Source(model, positive, None, latent, image, vae, steps, 1.0, spacing)
+
+        def run(pred, z0):
+            return _cpu(ddim.ddim_invert(pred, z0, src.grid, "positive", callback=src.progress)), pred.calls
+
+        traj, calls = src.run(run)
+        extras = {"model_calls": calls, "source_cond": positive}
+        return _outputs(model, InversionResult(traj, src.grid, "npi", 1.0, extras))
+
+
+class NullTextInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InverseNullTextInversion",
+            display_name="Null-Text Inversion",
+            category=SUB,
+            description=("Null-text inversion (Mokady et al. 2023): DDIM inversion at guidance 1 gives a pivot "
+                         "trajectory; then, step by step, the unconditional (negative) embedding is optimised "
+                         "with Adam so that guided sampling follows the pivot. The per-step embeddings are stored "
+                         "and used by Sample from Inversion, which then reconstructs at the chosen guidance."),
+            inputs=_source_inputs(guidance_default=7.5, negative_tip=(
+                "The unconditional prompt whose embedding is optimised (usually empty text).")) + [
+                io.Int.Input("inner_steps", default=10, min=1, max=200,
+                             tooltip="Most Adam iterations per step (paper: 10)."),
+                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=1e-4, round=1e-5,
+                               tooltip="Adam learning rate (paper: 0.01)."),
+                io.Float.Input("tolerance", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
+                               tooltip="Early stop of a step once the loss is below this (+2e-5 per iteration)."),
+            ],
+            outputs=_result_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, positive, steps, guidance, spacing, inner_steps, learning_rate, tolerance,
+                negative=None, latent=None, image=None, vae=None) -> io.NodeOutput:
+        if negative is None:
+            raise glue.InverseInputError("negative: null-text inversion optimises the negative embedding; connect a "
+                                         "CLIP Text Encode with empty text.")
+        src = _Source(model, positive, negative, latent, image, vae, steps, 1.0, spacing)
+        B = src.samples.shape[0]
+        first, second = src.two_stage_progress()
+
+        def run(pred, z0):
+            pivot = ddim.ddim_invert(pred, z0, src.grid, "positive", callback=first)
+            null = pred.embedding("negative").float()
+            null = null.expand(B, *null.shape[1:]).clone() if null.shape[0] == 1 else null.clone()
+            embs, losses = inv.null_text_optimize(
+                pred, pivot, src.grid, "positive", null, lambda e: glue.Cond("negative", context=e), guidance,
+                inner_steps=inner_steps, lr=learning_rate, tol=tolerance, callback=second,
+                grad_context=pred.autograd)
+            return _cpu(pivot), [e.cpu() for e in embs], losses, pred.calls, pred.grad_calls
+
+        traj, embs, losses, calls, grad_calls = src.run(run, {"negative": negative})
+        extras = {"model_calls": calls, "grad_calls": grad_calls, "null_embeddings": embs,
+                  "null_text_losses": losses, "negative_cond": negative}
+        return _outputs(model, InversionResult(traj, src.grid, "null_text", guidance, extras))
+
+
+class DDPMInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InverseDDPMInversion",
+            display_name="Edit-Friendly DDPM Inversion",
+            category=SUB,
+            description=("Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024): independent noisy "
+                         "versions of the image at every step, and per step the noise map that makes DDPM "
+                         "sampling land exactly on the next one. Sampling with the stored maps reproduces the "
+                         "image to float precision; for edits, skip the first ~36% of the steps."),
+            inputs=_source_inputs() + [
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the forward noise."),
+            ],
+            outputs=_result_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, positive, steps, guidance, spacing, seed, negative=None, latent=None, image=None,
+                vae=None) -> io.NodeOutput:
+        src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
+
+        def run(pred, z0):
+            gen = torch.Generator().manual_seed(int(seed))
+            xs, maps = inv.ddpm_invert(pred, z0, src.grid, "positive", src.uncond, guidance, gen,
+                                       callback=src.progress)
+            return _cpu(xs), _cpu(maps), pred.calls
+
+        traj, maps, calls = src.run(run)
+        extras = {"model_calls": calls, "noise_maps": maps, "seed": int(seed)}
+        return _outputs(model, InversionResult(traj, src.grid, "ddpm", guidance, extras))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling from an inversion
+
+class SampleFromInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InverseSampleFromInversion",
+            display_name="Sample from Inversion",
+            category=SUB,
+            description=("Samples from any Inverse inversion on its own timesteps the way its method requires: "
+                         "deterministic DDIM (RNRI paper eq. 2) for DDIM/exact inversions; the source prompt as "
+                         "the unconditional branch for negative-prompt inversion; the stored per-step embeddings "
+                         "for null-text; the stored noise maps for DDPM. With the inversion's prompt and guidance "
+                         "it reconstructs the image; with another prompt it edits it. A mask limits the change."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model used for the inversion."),
                 io.Conditioning.Input("positive", tooltip="Prompt to sample with (the inversion's prompt reconstructs)."),
                 Inversion.Input("inversion", tooltip="Output of an Inverse inversion node."),
                 io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative/unconditional prompt; used only when guidance is not 1."),
+                                      tooltip="Negative prompt when guidance is not 1 (not needed for negative-prompt "
+                                              "and null-text inversions, which bring their own)."),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale; use the inversion's scale to reconstruct."),
                 io.Int.Input("skip_steps", default=0, min=0, max=1000,
                              tooltip="Start this many steps later, from the inversion's latent at that step "
-                                     "(keeps more of the original image)."),
+                                     "(keeps more of the original; ~36% of the steps for DDPM edits)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where to regenerate (white). Elsewhere every step keeps the inversion's latent."),
             ],
@@ -131,17 +366,33 @@ class DDIMSampleFromInversion(io.ComfyNode):
         grid = inversion.grid
         if skip_steps >= grid.steps:
             raise glue.InverseInputError(f"skip_steps: must be below the inversion's {grid.steps} steps.")
+        if inversion.method == "npi":
+            negative = inversion.extras["source_cond"]
+        elif inversion.method == "null_text":
+            negative = inversion.extras["negative_cond"]
         conds, uncond = _guidance_conds(positive, negative, guidance)
         shape = inversion.z0.shape
+        for name, c in conds.items():
+            glue.check_cond_batch(c, shape[0], name)
         latent_mask = glue.latent_mask(mask, shape, "mask") if mask is not None else None
         progress = glue.ProgressReporter(grid.steps - skip_steps)
+        make_uncond = None
+        if inversion.method == "null_text":
+            if uncond is None:  # guidance 1 ignores the unconditional branch entirely
+                conds["negative"] = negative
+            make_uncond = lambda e: glue.Cond("negative", context=e.to(torch.float32))  # noqa: E731
+            uncond = "negative"
 
         def run(pred):
-            keep = [z.to(pred.device) for z in inversion.trajectory[::-1]]
-            m = latent_mask.to(pred.device) if latent_mask is not None else None
-            traj = ddim.ddim_sample(pred, keep[skip_steps], grid, "positive", uncond, guidance,
-                                    callback=progress, start_step=skip_steps, mask=m,
-                                    keep=keep if m is not None else None)
+            to = lambda t: t.to(pred.device)  # noqa: E731
+            result = InversionResult([to(z) for z in inversion.trajectory], grid, inversion.method, inversion.guidance,
+                                     dict(inversion.extras))
+            for key in ("noise_maps", "null_embeddings"):
+                if key in result.extras:
+                    result.extras[key] = [to(z) for z in result.extras[key]]
+            m = to(latent_mask) if latent_mask is not None else None
+            traj = inv.sample_from_inversion(pred, result, "positive", uncond, guidance, skip_steps, progress, m,
+                                             make_uncond)
             return pred.process_latent_out(traj[-1]).cpu()
 
         return io.NodeOutput({"samples": glue.run_with_predictor(model, conds, shape, run)})
@@ -157,7 +408,7 @@ class DDIMInversionSampler(io.ComfyNode):
         return io.Schema(
             node_id="InverseSamplerDDIMInversion",
             display_name="DDIM Inversion Sampler",
-            category=f"{CATEGORY}/inversion",
+            category=SUB,
             description=("A SAMPLER for SamplerCustomAdvanced that inverts instead of denoising: it runs DDIM "
                          "backwards from the input latent over the SIGMAS (either order; they must reach 0) using "
                          "the connected GUIDER's prediction, and returns the noise latent. Use it with "
@@ -171,4 +422,5 @@ class DDIMInversionSampler(io.ComfyNode):
         return io.NodeOutput(glue.make_inversion_sampler(_invert_with_sampler))
 
 
-NODES = [DDIMInversion, DDIMSampleFromInversion, DDIMInversionSampler]
+NODES = [DDIMInversion, ExactInversion, NegativePromptInversion, NullTextInversion, DDPMInversion,
+         SampleFromInversion, DDIMInversionSampler]

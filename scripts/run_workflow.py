@@ -291,6 +291,8 @@ async def download_outputs(session, url: str, history: dict, out_dir: Path) -> l
     saved = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for node_id, outputs in (history.get("outputs") or {}).items():
+        for text in outputs.get("text", []):
+            log(f"node {node_id} says: {text}")
         for item in outputs.get("images", []):
             if item.get("type") != "output":
                 continue

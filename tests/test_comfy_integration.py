@@ -95,7 +95,7 @@ def test_pack_registers_with_no_import_error(pack):
 
     assert comfy_host._state["load_ok"] is True
     ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if getattr(v, "RELATIVE_PYTHON_MODULE", "").endswith(comfy_host.PACK_DIR_NAME)}
-    assert {"InverseDDIMInversion", "InverseDDIMSample", "InverseSamplerDDIMInversion"} <= set(ours)
+    assert {"InverseDDIMInversion", "InverseExactInversion", "InverseNegativePromptInversion", "InverseNullTextInversion", "InverseDDPMInversion", "InverseSampleFromInversion", "InverseSamplerDDIMInversion"} <= set(ours)
 
 
 def test_every_node_schema_has_description_and_tooltips(pack):
@@ -291,7 +291,7 @@ def test_batches_and_masks_are_honoured(glue, core, loaded):
     prompt["32"] = {"class_type": "MaskComposite",
                     "inputs": {"destination": ["30", 0], "source": ["31", 0], "x": 0, "y": 0, "operation": "add"}}
     prompt["33"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red sports car", "clip": ["1", 1]}}
-    prompt["34"] = {"class_type": "InverseDDIMSample",
+    prompt["34"] = {"class_type": "InverseSampleFromInversion",
                     "inputs": {"model": ["1", 0], "positive": ["33", 0], "inversion": ["7", 0], "negative": ["3", 0],
                                "guidance": 1.0, "skip_steps": 0, "mask": ["32", 0]}}
     prompt["35"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["4c", 0], "vae": ["1", 2]}}
@@ -504,3 +504,122 @@ def test_half_precision_models_predict_and_differentiate(glue, loaded, dtype):
         eps32, g32 = glue.run_with_predictor(model32, {"positive": pos}, z.shape, run)
     assert eps16.dtype == torch.float32 and torch.isfinite(g16).all()
     assert _rel(eps16, eps32) < 0.05 and _rel(g16, g32) < 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# the inversion methods through the real ComfyUI (issue 3)
+
+def _nodes(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+
+
+def _encode(loaded, seed=11, batch=1):
+    vae = loaded[2]
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(batch, 64, 64, 3, generator=g)
+    with torch.inference_mode():
+        return {"samples": vae.encode(img)}
+
+
+def _invert_and_sample(pack, loaded, node, sample_guidance, **kw):
+    model, clip, vae, pos, neg = loaded
+    n = _nodes(pack)
+    lat = kw.pop("latent", None) or _encode(loaded)
+    with torch.inference_mode():
+        if node != "NegativePromptInversion":
+            kw["negative"] = neg
+        out = getattr(n, node).execute(model, pos, latent=lat, **kw).args
+        result = out[0]
+        rec = n.SampleFromInversion.execute(model, pos, result, sample_guidance, 0, negative=neg).args[0]
+    return lat["samples"], result, rec["samples"], out[3]
+
+
+def test_ddpm_inversion_reconstructs_exactly_through_comfyui(pack, loaded):
+    for guidance, steps in ((3.5, 20), (1.0, 4)):
+        z0, res, rec, report = _invert_and_sample(pack, loaded, "DDPMInversion", guidance, steps=steps,
+                                                  guidance=guidance, spacing="auto", seed=3)
+        assert res.method == "ddpm" and len(res.extras["noise_maps"]) == steps
+        assert _rel(rec, z0) < 1e-4, (guidance, steps, _rel(rec, z0))  # float32 rounding, amplified by CFG
+
+
+def test_negative_prompt_inversion_reconstructs_at_any_guidance(pack, loaded):
+    z0, res, rec75, _ = _invert_and_sample(pack, loaded, "NegativePromptInversion", 7.5, steps=20, spacing="auto")
+    with torch.inference_mode():
+        rec1 = _nodes(pack).SampleFromInversion.execute(loaded[0], loaded[3], res, 1.0, 0).args[0]["samples"]
+    # the unconditional branch is the source prompt, so guidance cannot move the result
+    assert _rel(rec75, rec1) < 1e-5
+    # and it is DDIM inversion at guidance 1 followed by DDIM sampling at guidance 1
+    z0b, _, ddim_rec, _ = _invert_and_sample(pack, loaded, "DDIMInversion", 1.0, steps=20, guidance=1.0,
+                                             spacing="auto")
+    assert _rel(rec75, ddim_rec) < 1e-5
+
+
+def test_null_text_inversion_beats_plain_guided_reconstruction(pack, loaded):
+    z0, res, rec, report = _invert_and_sample(pack, loaded, "NullTextInversion", 7.5, steps=10, guidance=7.5,
+                                              spacing="auto", inner_steps=20, learning_rate=0.05, tolerance=1e-5)
+    z0b, ddim_res, plain, _ = _invert_and_sample(pack, loaded, "DDIMInversion", 7.5,
+                                                 steps=10, guidance=1.0, spacing="auto")
+    assert len(res.extras["null_embeddings"]) == 10 and res.extras["grad_calls"] > 0
+    emb0 = loaded[4][0][0]
+    assert float((res.extras["null_embeddings"][-1] - emb0).abs().max()) > 0  # the embedding was optimised
+    assert _rel(rec, z0) < 0.5 * _rel(plain, z0b), (_rel(rec, z0), _rel(plain, z0b))
+    assert "null-text loss" in report
+
+
+@pytest.mark.parametrize("method", ["rnri", "rnri_jacobian_free", "fixed_point", "gradient_descent"])
+def test_exact_inversions_lower_the_residual_through_comfyui(pack, loaded, method):
+    iters = 2 if method.startswith("rnri") else 6
+    z0, res, rec, report = _invert_and_sample(pack, loaded, "ExactInversion", 1.0, steps=10, guidance=1.0,
+                                              spacing="auto", method=method, iterations=iters, tolerance=1e-5,
+                                              lambda_prior=0.1, adjust_rounds=0)
+    hist = res.extras["history"]
+    assert len(res.extras["residuals"]) == 10 and "residual" in report
+    # steps end below where they started (z^0 = z_s, whose residual is DDIM's step size) and the
+    # reported residual is that of the returned latent, the best iterate of each step
+    assert sum(res.extras["residuals"]) < 0.8 * sum(h[0] for h in hist)
+    assert all(r == min(h) for r, h in zip(res.extras["residuals"], hist))
+    if method == "rnri":
+        assert res.extras["grad_calls"] > 0
+    if method == "fixed_point":
+        z0b, _, ddim_rec, _ = _invert_and_sample(pack, loaded, "DDIMInversion", 1.0, steps=10, guidance=1.0,
+                                                 spacing="auto")
+        assert _rel(rec, z0) < 0.5 * _rel(ddim_rec, z0b)
+
+
+def test_cancel_inside_newton_and_null_text_loops(pack, loaded):
+    """An interrupt raised in the middle of a step's inner loop stops before the next model call."""
+    import comfy.model_management
+
+    n = _nodes(pack)
+    model, clip, vae, pos, neg = loaded
+    lat = _encode(loaded)
+    runs = {
+        "rnri": lambda: n.ExactInversion.execute(model, pos, 10, 1.0, "auto", "rnri", 5, 0.0, 0.1, 0, latent=lat),
+        "null_text": lambda: n.NullTextInversion.execute(model, pos, 10, 7.5, "auto", 50, 0.01, 0.0,
+                                                         negative=neg, latent=lat),
+    }
+    for name, run in runs.items():
+        with UNetCounter() as counter:
+            fired = {}
+
+            def hook(module, args, output):
+                if isinstance(module, counter.cls) and len(counter.batches) == 13 and not fired:
+                    fired["at"] = len(counter.batches)
+                    comfy.model_management.interrupt_current_processing(True)
+
+            h = torch.nn.modules.module.register_module_forward_hook(hook)
+            try:
+                with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+                    run()
+            finally:
+                h.remove()
+                comfy.model_management.interrupt_current_processing(False)
+        assert fired, name
+        assert len(counter.batches) - fired["at"] <= 1, name
+
+
+def test_mismatched_conditioning_batch_is_a_clear_error(pack, loaded):
+    model, clip, vae, pos, neg = loaded
+    two = [[torch.cat([pos[0][0]] * 2), dict(pos[0][1])]]
+    with torch.inference_mode(), pytest.raises(Exception, match=r"^positive: the conditioning has a batch of 2"):
+        _nodes(pack).DDIMInversion.execute(model, two, 4, 1.0, "auto", latent=_encode(loaded, batch=3))
