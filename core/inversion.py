@@ -247,6 +247,8 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
     then take that step with the optimised embedding. Early stop per step when the loss falls
     below ``tol + j * 2e-5`` (the authors' schedule). Returns the per-step embeddings (sampling
     order) and the final per-step losses."""
+    if guidance == 1.0:  # eps = eps_c: the unconditional embedding has no effect to optimise
+        return [null_embedding.detach().float().clone() for _ in range(grid.steps)], [0.0] * grid.steps
     keep = list(pivot)[::-1]  # sampling order: keep[0] is z_T
     ts, ab = grid.timesteps, grid.alphas_cumprod
     z = keep[0].float()

@@ -1,0 +1,229 @@
+"""Inversion benchmark: every method through the real ComfyUI glue (tiny random-weight SD1.5
+checkpoint) and through the analytic reference denoiser, at 50 and 4 steps, guidance 1 and 7.5.
+
+    python bench/inversion.py            # full run (a few minutes on a CPU)
+    python bench/inversion.py --quick    # under a minute: 10 instead of 50 steps on the ComfyUI path
+
+For each backend, configuration and method it prints the reconstruction RMSE of z0 (invert, then
+sample back with the method's own sampling path at the same guidance), the mean per-step residual
+mean|z - f(z)| (RNRI eq. 5; measured for DDIM too, without counting those calls), the inversion's
+model forward calls and backward passes, and seconds. It then compares RNRI with fixed-point and
+gradient descent at equal reconstruction error (the fewest iterations reaching RNRI's error).
+The last line is one JSON object with every number. Needs ComfyUI at COMFYUI_PATH for the
+ComfyUI backend (skipped with a message otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import conftest  # noqa: E402,F401  (imports the pack as comfyui_inverse)
+
+from comfyui_inverse.core import ddim, inversion, schedule  # noqa: E402
+from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior  # noqa: E402
+
+METHODS = ["ddim", "rnri", "rnri_jacobian_free", "fixed_point", "gradient_descent", "npi", "null_text", "ddpm"]
+
+
+class Counting:
+    """Counts forward calls and the calls made with gradients (each followed by one backward)."""
+
+    def __init__(self, inner):
+        self.inner, self.forward, self.backward, self.enabled = inner, 0, 0, True
+
+    def __call__(self, z, t, conds):
+        if self.enabled:
+            self.forward += 1
+            grad_cond = any(getattr(getattr(c, "context", None), "requires_grad", False) or
+                            isinstance(c, MixturePrior) and c.means.requires_grad for c in conds)
+            if torch.is_grad_enabled() and (z.requires_grad or grad_cond):
+                self.backward += 1
+        return self.inner(z, t, conds)
+
+
+def grid_for(ac, steps):
+    if steps > 10:
+        return schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(steps, steps_offset=1))
+    return schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(steps, spacing="trailing"))
+
+
+def ddim_residual(pred, traj, grid, cond, uncond, guidance):
+    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+    res = []
+    with torch.no_grad():
+        for i in range(1, len(ts)):
+            step = inversion._Step(pred, traj[i - 1], ts[i], ab[i - 1], ab[i], cond, uncond, guidance)
+            res.append(float((traj[i] - step.f(traj[i])).abs().mean()))
+    return sum(res) / len(res)
+
+
+def run_method(method, pred, z0, grid, backend, guidance, iterations=None):
+    """Returns (reconstruction, mean residual or None, seconds)."""
+    u = backend["uncond"] if guidance != 1.0 else None
+    gc = backend["grad_context"]
+    t0 = time.perf_counter()
+    residual = None
+    result_uncond = u
+    if method == "ddim":
+        traj = ddim.ddim_invert(pred, z0, grid, "c", u, guidance)
+    elif method in ("rnri", "rnri_jacobian_free", "fixed_point", "gradient_descent"):
+        its = iterations if iterations is not None else (2 if method.startswith("rnri") else backend["max_iterations"])
+        cfg = inversion.SolverConfig(iterations=its, jacobian_free=method == "rnri_jacobian_free")
+        solver = "rnri" if method.startswith("rnri") else method
+        traj, rep = inversion.iterative_invert(pred, z0, grid, "c", u, guidance, solver, cfg, grad_context=gc)
+        residual = sum(rep.residuals) / len(rep.residuals)
+    elif method == "npi":
+        traj = ddim.ddim_invert(pred, z0, grid, "c")
+        result_uncond = "c"
+    elif method == "null_text":
+        traj = ddim.ddim_invert(pred, z0, grid, "c")
+        embs, _ = inversion.null_text_optimize(pred, traj, grid, "c", backend["null_init"](), backend["make_uncond"],
+                                               guidance, inner_steps=10, lr=backend["null_lr"], grad_context=gc)
+        result_uncond = [backend["make_uncond"](e) for e in embs]
+    elif method == "ddpm":
+        xs, maps = inversion.ddpm_invert(pred, z0, grid, "c", u, guidance, torch.Generator().manual_seed(0))
+    seconds = time.perf_counter() - t0
+    pred.enabled = False
+    try:
+        if method == "ddpm":
+            rec = inversion.ddpm_sample(pred, xs[-1], grid, maps, "c", u, guidance)[-1]
+        else:
+            if method == "ddim":
+                residual = ddim_residual(pred, traj, grid, "c", u, guidance)
+            g = guidance if result_uncond is not None else 1.0
+            rec = ddim.ddim_sample(pred, traj[-1], grid, "c", result_uncond, g)[-1]
+    finally:
+        pred.enabled = True
+    return rec, residual, seconds
+
+
+def measure(backend, method, grid, guidance, iterations=None):
+    def one(pred):
+        z0 = backend["z0"](pred)
+        counter = Counting(pred)
+        rec, res, secs = run_method(method, counter, z0, grid, backend, guidance, iterations)
+        return {"rmse": ddim.reconstruction_rmse(rec, z0), "residual": res, "forward": counter.forward,
+                "backward": counter.backward, "seconds": round(secs, 3)}
+
+    return backend["run"](one)
+
+
+def bench_backend(name, backend, configs, sweep):
+    rows = {}
+    for steps, guidance in configs:
+        grid = grid_for(backend["alphas_cumprod"], steps)
+        key = f"{steps}steps_w{guidance:g}"
+        rows[key] = {}
+        for method in METHODS:
+            r = measure(backend, method, grid, guidance)
+            rows[key][method] = r
+            res = "-" if r["residual"] is None else f"{r['residual']:.2e}"
+            print(f"{name:9s} {key:14s} {method:20s} rmse {r['rmse']:.3e}  residual {res:>9s}  "
+                  f"fwd {r['forward']:5d}  bwd {r['backward']:5d}  {r['seconds']:7.2f} s", flush=True)
+        # equal-error comparison: the fewest fixed-point / GD iterations that reach RNRI's error
+        rn = rows[key]["rnri"]
+        cmp = {}
+        for m in ("fixed_point", "gradient_descent"):
+            hit = None
+            for its in sweep:
+                r = measure(backend, m, grid, guidance, its)
+                if r["rmse"] <= rn["rmse"]:
+                    hit = dict(r, iterations=its, time_vs_rnri=round(r["seconds"] / max(rn["seconds"], 1e-9), 3))
+                    break
+            cmp[m] = hit
+            if hit:
+                print(f"{name:9s} {key:14s} equal error {rn['rmse']:.2e}: {m} needs {hit['iterations']} iterations, "
+                      f"{hit['seconds']:.2f} s vs RNRI {rn['seconds']:.2f} s (time ratio {hit['time_vs_rnri']:.2f})",
+                      flush=True)
+            else:
+                print(f"{name:9s} {key:14s} equal error: {m} did not reach RNRI's error in {sweep[-1]} iterations",
+                      flush=True)
+        rows[key]["equal_error_vs_rnri"] = cmp
+    return rows
+
+
+def reference_backend():
+    ac = schedule.scaled_linear_alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 4, 16, 16)
+    mean = torch.randn(shape[1:], generator=g, dtype=torch.float64) * 0.8
+    prior_c = MixturePrior.gaussian(mean, 0.7)
+    prior_u = MixturePrior.gaussian(torch.zeros(shape[1:], dtype=torch.float64), 1.0)
+    model = GaussianMixtureDenoiser({"c": prior_c, "u": prior_u}, ac)
+    z0 = mean[None].float() + 0.5 * torch.randn(shape, generator=g)
+    return {
+        "alphas_cumprod": ac, "uncond": "u", "grad_context": torch.enable_grad, "null_lr": 0.05,
+        "z0": lambda pred: z0,
+        "null_init": lambda: prior_u.means[0].float(),
+        "make_uncond": lambda m: MixturePrior(m[None], prior_u.stds, prior_u.weights),
+        "run": lambda fn: fn(model),
+    }
+
+
+def comfy_backend():
+    import comfy_host
+
+    if not comfy_host.HOST_FOUND:
+        print(f"[bench] {comfy_host.MISSING_REASON}; ComfyUI backend skipped", flush=True)
+        return None
+    pack = comfy_host.start_inprocess()
+    import importlib
+    import comfy.sd
+
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[:3]
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photograph of an astronaut"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        img = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(11))
+        samples = vae.encode(img)
+    state = {}
+
+    def run(fn):
+        def inner(pred):
+            state["pred"] = pred
+            return fn(pred)
+        with torch.inference_mode():
+            return glue.run_with_predictor(model, {"c": pos, "u": neg}, samples.shape, inner)
+
+    return {
+        "alphas_cumprod": glue.model_alphas_cumprod(model), "uncond": "u", "null_lr": 0.01,
+        "grad_context": lambda: state["pred"].autograd(),
+        "z0": lambda pred: pred.process_latent_in(samples.to(pred.device)),
+        "null_init": lambda: state["pred"].embedding("u").float().clone(),
+        "make_uncond": lambda e: glue.Cond("u", context=e),
+        "run": run,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10 instead of 50 steps on the ComfyUI path")
+    ap.add_argument("--backend", choices=["all", "reference", "comfy"], default="all")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    out = {"quick": args.quick, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    full = [(50, 1.0), (50, 7.5), (4, 1.0), (4, 7.5)]
+    if args.backend in ("all", "reference"):
+        ref = dict(reference_backend(), max_iterations=20)
+        out["reference"] = bench_backend("reference", ref, full, [1, 2, 3, 5, 8, 12, 20, 30])
+    if args.backend in ("all", "comfy"):
+        backend = comfy_backend()
+        if backend is not None:
+            configs = [(10, 1.0), (10, 7.5), (4, 1.0), (4, 7.5)] if args.quick else full
+            backend["max_iterations"] = 8 if args.quick else 20
+            sweep = [1, 2, 4, 8] if args.quick else [1, 2, 3, 5, 8, 12, 20]
+            out["comfy_tiny_sd15"] = bench_backend("comfy", backend, configs, sweep)
+    print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+
+
+if __name__ == "__main__":
+    main()
