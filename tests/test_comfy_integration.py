@@ -623,3 +623,29 @@ def test_mismatched_conditioning_batch_is_a_clear_error(pack, loaded):
     two = [[torch.cat([pos[0][0]] * 2), dict(pos[0][1])]]
     with torch.inference_mode(), pytest.raises(Exception, match=r"^positive: the conditioning has a batch of 2"):
         _nodes(pack).DDIMInversion.execute(model, two, 4, 1.0, "auto", latent=_encode(loaded, batch=3))
+
+
+def test_rnri_objective_gradient_through_comfyui_matches_finite_differences(pack, glue, loaded):
+    inv = importlib.import_module(pack.__name__ + ".core.inversion")
+    model, clip, vae, pos, neg = loaded
+    grid = glue.make_grid(model, 10)
+    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+    g = torch.Generator().manual_seed(8)
+    z_s = torch.randn(1, 4, 8, 8, generator=g) * 0.5
+    z = z_s + 0.5 * torch.randn(1, 4, 8, 8, generator=g)  # far from the root: |r| is smooth at the FD scale
+    d = torch.randn(1, 4, 8, 8, generator=g)
+
+    def run(pred):
+        step = inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", 3.0)
+        with pred.autograd():
+            zz = z.clone().requires_grad_(True)
+            F, _ = inv.rnri_objective(step, zz, 0.1)
+            (grad,) = torch.autograd.grad(F, zz)
+            with torch.no_grad():
+                h = 1e-3
+                fd = (inv.rnri_objective(step, z + h * d, 0.1)[0] - inv.rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
+        return float((grad * d).sum()), float(fd)
+
+    with torch.inference_mode():
+        analytic, fd = glue.run_with_predictor(model, {"c": pos, "u": neg}, z.shape, run)
+    assert analytic == pytest.approx(fd, rel=2e-2)
