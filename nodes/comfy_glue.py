@@ -418,3 +418,98 @@ def check_cond_batch(cond, batch: int, input_name: str) -> None:
             raise InverseInputError(
                 f"{input_name}: the conditioning has a batch of {n} but the latent has {batch}; encode one prompt "
                 f"(batch 1, shared by all images) or exactly one per image.")
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE encoder/decoder for decoder inversion
+
+VAE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class VaeCodec:
+    """Encoder and decoder callables over ComfyUI IMAGE tensors ([B, H, W, C] in [0, 1]) and raw
+    VAE latents (a LATENT's "samples"), for core/decoder_inversion.py.
+
+    precision "auto" uses ComfyUI's own ``VAE.encode``/``VAE.decode`` (the VAE's dtype, batching,
+    and ComfyUI's automatic fallback to tiled coding when memory runs out). An explicit precision
+    runs a private copy of the VAE's network in that dtype (the shared VAE is never changed).
+    ``decode_differentiable`` is the unclamped decoder for gradient-based inversion, to be called
+    inside ``autograd()``.
+    """
+
+    def __init__(self, vae, precision: str = "auto"):
+        if precision != "auto" and precision not in VAE_PRECISIONS:
+            raise InverseInputError(f"precision: choose auto, {', '.join(VAE_PRECISIONS)}.")
+        self.vae = vae
+        self.precision = precision
+        comfy.model_management.load_models_gpu([vae.patcher])
+        self.device = vae.device
+        self.dtype = vae.vae_dtype if precision == "auto" else VAE_PRECISIONS[precision]
+        net = vae.first_stage_model
+        if self.dtype != vae.vae_dtype:
+            import copy
+
+            net = copy.deepcopy(net).to(self.dtype)
+        self.net = net
+
+    def crop(self, image: Tensor) -> Tensor:
+        return self.vae.vae_encode_crop_pixels(image[..., :3])
+
+    def encode(self, image: Tensor) -> Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.precision == "auto":
+            return self.vae.encode(image)
+        x = self.vae.process_input(image.movedim(-1, 1)).to(self.device, self.dtype)
+        return self.net.encode(x).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if self.precision == "auto":
+            return self.vae.decode(z).to(z.device)
+        return self.vae.process_output(self.net.decode(z.to(self.device, self.dtype)).float()).movedim(1, -1)
+
+    def decode_differentiable(self, z: Tensor) -> Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        out = self.net.decode(z.to(self.device, self.dtype)).float()
+        return ((out + 1.0) / 2.0).movedim(1, -1)
+
+    @contextlib.contextmanager
+    def autograd(self):
+        with torch.inference_mode(False), torch.enable_grad():
+            make_autograd_safe(self.net)
+            yield
+
+
+def plot_curves(curves: Mapping[str, Sequence[float]], title: str, width: int = 640, height: int = 360,
+                log_y: bool = True) -> Tensor:
+    """A line chart of ``curves`` against iteration as a ComfyUI IMAGE [1, H, W, 3] (drawn with PIL)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 20, 30, height - 40
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    vals = [v for c in curves.values() for v in c if v is not None and math.isfinite(v) and (v > 0 or not log_y)]
+    draw.text((left, 8), title, fill=(0, 0, 0))
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    if vals:
+        f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+        lo, hi = f(min(vals)), f(max(vals))
+        if hi - lo < 1e-12:
+            lo, hi = lo - 1, hi + 1
+        n = max(len(c) for c in curves.values())
+        for j, (name, c) in enumerate(curves.items()):
+            pts = [(left + (right - left) * i / max(1, n - 1), bottom - (bottom - top) * (f(v) - lo) / (hi - lo))
+                   for i, v in enumerate(c) if v is not None and math.isfinite(v) and (v > 0 or not log_y)]
+            col = colours[j % len(colours)]
+            if len(pts) > 1:
+                draw.line(pts, fill=col, width=2)
+            draw.text((right - 220, top + 6 + 14 * j), f"{name}: {c[0]:.3g} -> {c[-1]:.3g}", fill=col)
+        draw.text((4, top), f"{(10 ** hi if log_y else hi):.3g}", fill=(0, 0, 0))
+        draw.text((4, bottom - 10), f"{(10 ** lo if log_y else lo):.3g}", fill=(0, 0, 0))
+        draw.text((left, bottom + 8), "0", fill=(0, 0, 0))
+        draw.text((right - 30, bottom + 8), str(n - 1), fill=(0, 0, 0))
+        draw.text(((left + right) // 2 - 20, bottom + 20), "iteration", fill=(0, 0, 0))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img).astype("float32") / 255.0)[None]

@@ -127,7 +127,7 @@ def run_prompt(prompt: dict, progress_hook=None):
 def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
     """An API-format example workflow set up for the tiny checkpoint: every checkpoint loader
     gets the tiny model, every ImageScale ``size`` pixels, and (optionally) every node with a
-    ``steps`` input ``steps`` steps."""
+    ``steps`` input ``steps`` steps and every decoder inversion ``steps`` iterations."""
     import json
 
     prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
@@ -139,4 +139,6 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
             inputs["width"] = inputs["height"] = size
         if steps is not None and "steps" in inputs:
             inputs["steps"] = steps
+        if steps is not None and node["class_type"] == "InverseDecoderInversion":
+            inputs["iterations"] = steps
     return prompt
