@@ -20,6 +20,7 @@ if not comfy_host.HOST_FOUND:
     pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
 
 WORKFLOWS = sorted((comfy_host.ROOT / "workflows" / "api").glob("*.json"))
+MAIN_WORKFLOW = comfy_host.ROOT / "workflows" / "api" / "invert_and_reconstruct.json"  # the README's example
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +422,7 @@ def _runner(*args):
 
 
 def test_runner_runs_example_workflow_over_http(server, tmp_path):
-    r = _runner(str(WORKFLOWS[0]), "--server", server.url, "--checkpoint", comfy_host.TINY_CKPT_NAME,
+    r = _runner(str(MAIN_WORKFLOW), "--server", server.url, "--checkpoint", comfy_host.TINY_CKPT_NAME,
                 "--set", "5.width=64", "--set", "5.height=64", "--set", "7.steps=5", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     pngs = sorted(tmp_path.rglob("*.png"))
@@ -430,14 +431,14 @@ def test_runner_runs_example_workflow_over_http(server, tmp_path):
 
 
 def test_runner_reports_failures_clearly(server, tmp_path):
-    r = _runner(str(WORKFLOWS[0]), "--server", server.url, "--checkpoint", "missing.safetensors",
+    r = _runner(str(MAIN_WORKFLOW), "--server", server.url, "--checkpoint", "missing.safetensors",
                 "--out", str(tmp_path))
     assert r.returncode == 2 and "missing.safetensors" in r.stderr
-    r = _runner(str(WORKFLOWS[0]), "--server", server.url, "--checkpoint", comfy_host.TINY_CKPT_NAME,
+    r = _runner(str(MAIN_WORKFLOW), "--server", server.url, "--checkpoint", comfy_host.TINY_CKPT_NAME,
                 "--set", "5.width=64", "--set", "5.height=64", "--set", "7.guidance=3.0",
                 "--set", '7.negative=null', "--out", str(tmp_path))
     assert r.returncode in (1, 2) and "negative" in r.stderr, r.stderr
-    ui = comfy_host.ROOT / "workflows" / f"{WORKFLOWS[0].stem}.json"
+    ui = comfy_host.ROOT / "workflows" / f"{MAIN_WORKFLOW.stem}.json"
     r = _runner(str(ui), "--server", server.url)
     assert r.returncode == 2 and "UI-format" in r.stderr
 
@@ -456,7 +457,7 @@ def test_ui_workflows_are_served_as_templates(server):
 
 
 def test_runner_starts_comfyui_itself(tmp_path):
-    r = _runner(str(WORKFLOWS[0]), "--comfyui", str(comfy_host.COMFYUI_PATH), "--tiny-checkpoint",
+    r = _runner(str(MAIN_WORKFLOW), "--comfyui", str(comfy_host.COMFYUI_PATH), "--tiny-checkpoint",
                 "--set", "5.width=64", "--set", "5.height=64", "--set", "7.steps=4", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert len(list(tmp_path.rglob("*.png"))) == 3
