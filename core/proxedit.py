@@ -1,0 +1,158 @@
+"""Proximal guidance for tuning-free real-image editing (ProxEdit: Han et al., WACV 2024;
+../shared/papers/proxedit-supplement.txt and NOTES.md).
+
+Guidance with a proximal operator on the guidance direction d = eps_tar - eps_src:
+
+    eps = eps_src + w * prox_lambda(eps_tar - eps_src)          (supplement Alg. 2 line 6, eq. 16)
+
+with hard thresholding (the l0 prox, d * 1[|d| > thr]) or soft thresholding (the l1 prox,
+sign(d) max(|d| - thr, 0)); thr is a quantile of |d| over each image of the target branch, or a
+fixed value. The edited region M = 1[|d| > thr], dilated by a (2r+1) max-pool, and its complement
+drive two guidances that pull the unedited region back to the source for t < T_rec:
+
+- inversion guidance (main paper): z_{t-1} <- z_{t-1} - eta (1 - M) (z_{t-1} - z*_{t-1}) with the
+  stored inversion trajectory z*;
+- reconstruction guidance (supplement Alg. 2 lines 9-10): x0 <- x0 - eta (1 - M) (x0 - z_0).
+
+With the source prompt as the "unconditional" branch (negative-prompt inversion) and the threshold
+at its maximum, the edit is exactly the inversion's reconstruction (prox returns 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .ddim import ddim_step, predicted_x0
+from .inversion import ddpm_posterior
+from .protocols import NoisePredictor, StepCallback
+from .result import InversionResult
+
+Tensor = torch.Tensor
+QUANTILE_MAX_ELEMENTS = 2 ** 24
+
+
+def prox_hard(d: Tensor, thr: Tensor) -> Tensor:
+    """l0 proximal operator (hard thresholding): keep entries with |d| > thr."""
+    return d * (d.abs() > thr)
+
+
+def prox_soft(d: Tensor, thr: Tensor) -> Tensor:
+    """l1 proximal operator (soft thresholding): sign(d) max(|d| - thr, 0)."""
+    return torch.sign(d) * torch.clamp(d.abs() - thr, min=0.0)
+
+
+PROX = {"hard": prox_hard, "soft": prox_soft}
+
+
+def quantile_threshold(d: Tensor, q: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Per image, the q-quantile of |d| (float32; above 2^24 elements per image a fixed random
+    subsample is used, as torch.quantile requires). Shape [B, 1, ..., 1]."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    flat = d.detach().abs().float().reshape(d.shape[0], -1)
+    if flat.shape[1] > QUANTILE_MAX_ELEMENTS:
+        idx = torch.randperm(flat.shape[1], generator=generator)[:QUANTILE_MAX_ELEMENTS].to(flat.device)
+        flat = flat[:, idx]
+    if q >= 1.0:
+        thr = flat.max(dim=1).values
+    else:
+        thr = torch.quantile(flat, q, dim=1)
+    return thr.reshape((d.shape[0],) + (1,) * (d.ndim - 1)).to(d.dtype)
+
+
+def edit_mask(d: Tensor, thr: Tensor, radius: int = 1) -> Tensor:
+    """M = 1[|d| > thr], dilated spatially by a (2 radius + 1) max-pool (per channel)."""
+    m = (d.abs() > thr).to(d.dtype)
+    if radius > 0:
+        m = F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)
+    return m
+
+
+def slerp(alpha: float, a: Tensor, b: Tensor) -> Tensor:
+    """Spherical interpolation on the flattened tensors (alpha = 0 gives a, 1 gives b)."""
+    fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
+    cos = torch.clamp(torch.dot(fa, fb) / (fa.norm() * fb.norm() + 1e-12), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if float(omega) < 1e-6:
+        out = (1 - alpha) * fa + alpha * fb
+    else:
+        s = torch.sin(omega)
+        out = torch.sin((1 - alpha) * omega) / s * fa + torch.sin(alpha * omega) / s * fb
+    return out.reshape(a.shape).to(a.dtype)
+
+
+@dataclass
+class ProxConfig:
+    """guidance w; prox "hard"/"soft"/"none" (plain CFG); threshold as a quantile (``quantile``) of
+    |d| or a fixed value (``fixed_threshold`` when not None); mask dilation radius; inversion and
+    reconstruction guidance step sizes (0 = off) applied while the model timestep is below ``t_rec``."""
+
+    guidance: float = 7.5
+    prox: str = "hard"
+    quantile: float = 0.7
+    fixed_threshold: Optional[float] = None
+    dilation: int = 1
+    inversion_guidance: float = 0.0
+    reconstruction_guidance: float = 0.0
+    t_rec: int = 400
+
+
+def proximal_eps(e_src: Tensor, e_tar: Tensor, cfg: ProxConfig) -> tuple[Tensor, Tensor]:
+    """eps = e_src + w prox(e_tar - e_src) and the dilated edit mask M (1 = edited)."""
+    d = e_tar - e_src
+    if cfg.prox == "none":
+        return e_src + cfg.guidance * d, torch.ones_like(d)
+    if cfg.prox not in PROX:
+        raise ValueError(f"prox must be hard, soft or none, got {cfg.prox!r}")
+    thr = (torch.full((d.shape[0],) + (1,) * (d.ndim - 1), float(cfg.fixed_threshold), dtype=d.dtype, device=d.device)
+           if cfg.fixed_threshold is not None else quantile_threshold(d, cfg.quantile))
+    return e_src + cfg.guidance * PROX[cfg.prox](d, thr), edit_mask(d, thr, cfg.dilation)
+
+
+def prox_edit(predictor: NoisePredictor, result: InversionResult, src: Any, tar: Any, cfg: ProxConfig,
+              start_step: int = 0, callback: StepCallback = None,
+              per_step_src: Optional[Sequence[Any]] = None) -> list[Tensor]:
+    """Edit from an inversion with proximal guidance (supplement Alg. 2, with inversion guidance).
+
+    ``src`` is the branch the guidance starts from: the source prompt for negative-prompt inversion
+    (Prox-NPI), the null/negative prompt otherwise (``per_step_src`` gives null-text inversion's
+    per-step embeddings). Both branches go through the predictor in one call per step. DDPM
+    inversions sample with their stored noise maps (eq. 16). Returns the sampling trajectory.
+    """
+    grid = result.grid
+    ts, ab = grid.timesteps, grid.alphas_cumprod
+    keep = result.trajectory[::-1]  # sampling order
+    z0_src = result.z0
+    ddpm = result.method == "ddpm"
+    z = keep[start_step].float()
+    traj = [z]
+    total = grid.steps - start_step
+    for i in range(start_step, grid.steps):
+        s = per_step_src[i] if per_step_src is not None else src
+        e_src, e_tar = predictor(z, ts[i], [s, tar])
+        eps, m = proximal_eps(e_src.float(), e_tar.float(), cfg)
+        unedited = 1.0 - m
+        guided = ts[i] < cfg.t_rec
+        if cfg.reconstruction_guidance > 0 and guided:
+            x0 = predicted_x0(z, eps, ab[i])
+            x0 = x0 - cfg.reconstruction_guidance * unedited * (x0 - z0_src.to(x0))
+            # Alg. 2 line 12 keeps eps and moves x0: z_{t-1} = sqrt(a') x0 + sqrt(1 - a') eps
+            z_next = math.sqrt(ab[i + 1]) * x0 + math.sqrt(1.0 - ab[i + 1]) * eps
+            eps_ddpm = (z - math.sqrt(ab[i]) * x0) / math.sqrt(1.0 - ab[i])
+        else:
+            z_next, eps_ddpm = ddim_step(z, eps, ab[i], ab[i + 1]), eps
+        if ddpm:
+            mean, sigma = ddpm_posterior(z, eps_ddpm, ab[i], ab[i + 1])
+            z = mean + (sigma if sigma > 0 else 1.0) * result.extras["noise_maps"][i].to(z)
+        else:
+            z = z_next
+        if cfg.inversion_guidance > 0 and guided:
+            z = z - cfg.inversion_guidance * unedited * (z - keep[i + 1].to(z))
+        traj.append(z)
+        if callback is not None:
+            callback(i - start_step, total, z)
+    return traj
