@@ -121,7 +121,12 @@ def _report(result: InversionResult) -> str:
     return "; ".join(parts)
 
 
-def _outputs(model, result: InversionResult) -> io.NodeOutput:
+def _outputs(model, result: InversionResult, positive=None, negative=None) -> io.NodeOutput:
+    """The node outputs; the inversion keeps its prompts (editing nodes start from them)."""
+    if positive is not None:
+        result.extras.setdefault("source_cond", positive)
+    if negative is not None:
+        result.extras.setdefault("negative_cond", negative)
     noise = glue.to_comfy_latent(result.noise_latent, result.grid.alphas_cumprod[0])
     return io.NodeOutput(result, {"samples": model.model.process_latent_out(noise)},
                          glue.grid_sigmas(result.grid), _report(result))
@@ -159,7 +164,7 @@ class DDIMInversion(io.ComfyNode):
             return _cpu(traj), pred.calls
 
         traj, calls = src.run(run)
-        return _outputs(model, InversionResult(traj, src.grid, "ddim", guidance, {"model_calls": calls}))
+        return _outputs(model, InversionResult(traj, src.grid, "ddim", guidance, {"model_calls": calls}), positive, negative)
 
 
 EXACT_METHODS = ["rnri", "rnri_jacobian_free", "fixed_point", "gradient_descent"]
@@ -212,7 +217,7 @@ class ExactInversion(io.ComfyNode):
         traj, rep, calls, grad_calls = src.run(run)
         extras = {"model_calls": calls, "grad_calls": grad_calls, "residuals": rep.residuals,
                   "iterations": rep.iterations, "history": rep.history, "adjust_rounds": adjust_rounds}
-        return _outputs(model, InversionResult(traj, src.grid, method, guidance, extras))
+        return _outputs(model, InversionResult(traj, src.grid, method, guidance, extras), positive, negative)
 
 
 class NegativePromptInversion(io.ComfyNode):
@@ -239,7 +244,7 @@ class NegativePromptInversion(io.ComfyNode):
 
         traj, calls = src.run(run)
         extras = {"model_calls": calls, "source_cond": positive}
-        return _outputs(model, InversionResult(traj, src.grid, "npi", 1.0, extras))
+        return _outputs(model, InversionResult(traj, src.grid, "npi", 1.0, extras), positive)
 
 
 class NullTextInversion(io.ComfyNode):
@@ -288,7 +293,7 @@ class NullTextInversion(io.ComfyNode):
         traj, embs, losses, calls, grad_calls = src.run(run, {"negative": negative})
         extras = {"model_calls": calls, "grad_calls": grad_calls, "null_embeddings": embs,
                   "null_text_losses": losses, "negative_cond": negative}
-        return _outputs(model, InversionResult(traj, src.grid, "null_text", guidance, extras))
+        return _outputs(model, InversionResult(traj, src.grid, "null_text", guidance, extras), positive, negative)
 
 
 class DDPMInversion(io.ComfyNode):
@@ -322,7 +327,7 @@ class DDPMInversion(io.ComfyNode):
 
         traj, maps, calls = src.run(run)
         extras = {"model_calls": calls, "noise_maps": maps, "seed": int(seed)}
-        return _outputs(model, InversionResult(traj, src.grid, "ddpm", guidance, extras))
+        return _outputs(model, InversionResult(traj, src.grid, "ddpm", guidance, extras), positive, negative)
 
 
 # ---------------------------------------------------------------------------------------------

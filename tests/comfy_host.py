@@ -141,4 +141,6 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
             inputs["steps"] = steps
         if steps is not None and node["class_type"] == "InverseDecoderInversion":
             inputs["iterations"] = steps
+        if steps is not None and "skip_steps" in inputs:
+            inputs["skip_steps"] = min(inputs["skip_steps"], steps // 3)
     return prompt

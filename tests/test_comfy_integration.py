@@ -689,3 +689,56 @@ def test_decoder_inversion_errors_are_clear(pack, loaded):
         with pytest.raises(Exception, match=r"^latent: shape"):
             n.DecoderInversion.execute(img, vae, "gradient_free_adam", 2, 0.01, 0.3, "auto",
                                        latent={"samples": torch.zeros(1, 4, 16, 16)})
+
+
+# --------------------------------------------------------------------------------------------
+# ProxEdit through ComfyUI (issue 5, proximal guidance part)
+
+def _prox(pack, loaded, inversion, target, **kw):
+    n = importlib.import_module(pack.__name__ + ".nodes.editing")
+    args = dict(base="source", guidance=7.5, prox="hard", quantile=0.7, fixed_threshold=0.0, dilation=1,
+                inversion_guidance=0.0, reconstruction_guidance=0.0, t_rec=400, source_null_mix=0.0, skip_steps=0)
+    args.update(kw)
+    with torch.inference_mode():
+        return n.ProxEdit.execute(loaded[0], inversion, target, negative=loaded[4], **args).args[0]["samples"]
+
+
+@pytest.mark.parametrize("prox", ["hard", "soft"])
+def test_proxedit_at_maximum_threshold_is_the_exact_reconstruction(pack, loaded, prox):
+    model, clip, vae, pos, neg = loaded
+    with torch.inference_mode():
+        target = clip.encode_from_tokens_scheduled(clip.tokenize("a red sports car"))
+    # negative-prompt inversion: the edit at quantile 1 is the inversion's own reconstruction
+    z0, npi, rec, _ = _invert_and_sample(pack, loaded, "NegativePromptInversion", 7.5, steps=12, spacing="auto")
+    edit = _prox(pack, loaded, npi, target, prox=prox, quantile=1.0)
+    assert _rel(edit, rec) < 1e-6
+    assert _rel(_prox(pack, loaded, npi, target, prox=prox, quantile=0.5), rec) > 1e-3
+    # over edit-friendly DDPM inversion it reproduces the input itself
+    z0, ddpm, _, _ = _invert_and_sample(pack, loaded, "DDPMInversion", 1.0, steps=12, guidance=1.0, spacing="auto", seed=1)
+    assert _rel(_prox(pack, loaded, ddpm, target, prox=prox, quantile=1.0), z0) < 1e-4
+
+
+def test_proxedit_costs_what_a_cfg_run_costs(pack, loaded):
+    """Both need two branches per step: count UNet calls and the batch each saw."""
+    model, clip, vae, pos, neg = loaded
+    with torch.inference_mode():
+        target = clip.encode_from_tokens_scheduled(clip.tokenize("a red sports car"))
+    z0, npi, _, _ = _invert_and_sample(pack, loaded, "NegativePromptInversion", 1.0, steps=10, spacing="auto")
+    n = _nodes(pack)
+    with UNetCounter() as cfg_run:
+        with torch.inference_mode():
+            n.SampleFromInversion.execute(model, target, npi, 7.5, 0, negative=neg)
+    with UNetCounter() as prox_run:
+        _prox(pack, loaded, npi, target, inversion_guidance=0.5, reconstruction_guidance=0.1, t_rec=1000)
+    assert sum(prox_run.batches) <= 1.1 * sum(cfg_run.batches)
+    assert len(prox_run.batches) == 10
+
+
+def test_proxedit_errors_are_clear(pack, loaded):
+    model, clip, vae, pos, neg = loaded
+    z0, ddim_res, _, _ = _invert_and_sample(pack, loaded, "DDIMInversion", 1.0, steps=4, guidance=1.0, spacing="auto")
+    n = importlib.import_module(pack.__name__ + ".nodes.editing")
+    with torch.inference_mode(), pytest.raises(Exception, match=r"^skip_steps: "):
+        n.ProxEdit.execute(model, ddim_res, pos, "source", 7.5, "hard", 0.7, 0.0, 1, 0.0, 0.0, 400, 0.0, 4)
+    with torch.inference_mode(), pytest.raises(Exception, match=r"^base: "):
+        n.ProxEdit.execute(model, ddim_res, pos, "null", 7.5, "hard", 0.7, 0.0, 1, 0.0, 0.0, 400, 0.0, 0)
