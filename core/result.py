@@ -44,6 +44,15 @@ class InversionResult:
     def batch_size(self) -> int:
         return int(self.z0.shape[0])
 
+    def to(self, device) -> "InversionResult":
+        """A copy whose trajectory and per-step tensors (noise maps, null embeddings) live on ``device``;
+        other extras (e.g. host conditionings) are shared."""
+        extras = dict(self.extras)
+        for key in ("noise_maps", "null_embeddings"):
+            if key in extras:
+                extras[key] = [t.to(device) for t in extras[key]]
+        return InversionResult([z.to(device) for z in self.trajectory], self.grid, self.method, self.guidance, extras)
+
     def latent_at_step(self, step: int) -> Tensor:
         """The latent a sampler expects at its ``step``-th level (0 = the noisiest)."""
         return self.trajectory[len(self.trajectory) - 1 - step]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from comfy_api.latest import io
 
 from ..core import decoder_inversion as di

@@ -1,7 +1,6 @@
 """Editing nodes: ProxEdit proximal guidance over any Inverse inversion."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..core import proxedit
@@ -107,12 +106,8 @@ class ProxEdit(io.ComfyNode):
                 src = glue.Cond("source", context=mixed)
             if base == "negative" and inversion.method == "null_text":
                 per_step = [glue.Cond("negative", context=e.to(pred.device)) for e in inversion.extras["null_embeddings"]]
-            to = lambda t: t.to(pred.device)  # noqa: E731
-            result = InversionResult([to(z) for z in inversion.trajectory], grid, inversion.method, inversion.guidance,
-                                     dict(inversion.extras))
-            if "noise_maps" in result.extras:
-                result.extras["noise_maps"] = [to(z) for z in result.extras["noise_maps"]]
-            traj = proxedit.prox_edit(pred, result, src, "target", cfg, skip_steps, progress, per_step)
+            traj = proxedit.prox_edit(pred, inversion.to(pred.device), src, "target", cfg, skip_steps, progress,
+                                      per_step)
             return pred.process_latent_out(traj[-1]).cpu()
 
         return io.NodeOutput({"samples": glue.run_with_predictor(model, conds, inversion.z0.shape, run)})

@@ -389,13 +389,8 @@ class SampleFromInversion(io.ComfyNode):
             uncond = "negative"
 
         def run(pred):
-            to = lambda t: t.to(pred.device)  # noqa: E731
-            result = InversionResult([to(z) for z in inversion.trajectory], grid, inversion.method, inversion.guidance,
-                                     dict(inversion.extras))
-            for key in ("noise_maps", "null_embeddings"):
-                if key in result.extras:
-                    result.extras[key] = [to(z) for z in result.extras[key]]
-            m = to(latent_mask) if latent_mask is not None else None
+            result = inversion.to(pred.device)
+            m = latent_mask.to(pred.device) if latent_mask is not None else None
             traj = inv.sample_from_inversion(pred, result, "positive", uncond, guidance, skip_steps, progress, m,
                                              make_uncond)
             return pred.process_latent_out(traj[-1]).cpu()

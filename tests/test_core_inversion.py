@@ -1,5 +1,4 @@
 """Iterative and stateful inversions in core/inversion.py, on the analytic reference denoiser."""
-import math
 
 import pytest
 import torch
