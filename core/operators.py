@@ -272,3 +272,32 @@ def freeform_mask(H: int, W: int, damage: tuple[float, float] = (0.1, 0.2), seed
             if 1 - float(m.mean()) >= target:
                 break
     return m
+
+
+class LazyMaskInpaint(Inpaint):
+    """Inpainting whose generated mask (random, box, free-form) is drawn for the size of the first
+    image it sees, from a fixed seed: the same operator fits any image size."""
+
+    def __init__(self, kind: str, seed: int = 0, drop: float = 0.4, box: float = 0.5,
+                 damage: tuple[float, float] = (0.1, 0.2), sigma_y: float = 0.0):
+        if kind not in ("random", "box", "freeform"):
+            raise OperatorError(f"mask kind must be random, box or freeform, got {kind!r}")
+        self.kind, self.seed, self.drop, self.box, self.damage = kind, int(seed), float(drop), float(box), damage
+        self.name, self.sigma_y = f"inpaint_{kind}", float(sigma_y)
+        self.mask = torch.ones(1, 1, 1, 1)
+        self._size = None
+
+    def mask_for(self, H: int, W: int) -> Tensor:
+        if self._size != (H, W):
+            if self.kind == "random":
+                m = random_mask(H, W, self.drop, self.seed)
+            elif self.kind == "box":
+                m = box_mask(H, W, self.box, None)
+            else:
+                m = freeform_mask(H, W, self.damage, self.seed)
+            self.mask, self._size = m[None, None], (H, W)
+        return self.mask
+
+    def _m(self, x):
+        self.mask_for(*x.shape[-2:])
+        return super()._m(x)

@@ -5,3 +5,6 @@ from comfy_api.latest import io
 Inversion = io.Custom("INVERSE_INVERSION")
 
 CATEGORY = "Inverse"
+
+#: a degradation operator (core/operators.py): A, its adjoint and the measurement noise
+Operator = io.Custom("INVERSE_OPERATOR")

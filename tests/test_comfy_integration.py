@@ -742,3 +742,37 @@ def test_proxedit_errors_are_clear(pack, loaded):
         n.ProxEdit.execute(model, ddim_res, pos, "source", 7.5, "hard", 0.7, 0.0, 1, 0.0, 0.0, 400, 0.0, 4)
     with torch.inference_mode(), pytest.raises(Exception, match=r"^base: "):
         n.ProxEdit.execute(model, ddim_res, pos, "null", 7.5, "hard", 0.7, 0.0, 1, 0.0, 0.0, 400, 0.0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# degradation operators as nodes (issue 6, first part)
+
+def test_degradation_nodes_on_comfyui_images(pack):
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    img = torch.rand(2, 56, 72, 3, generator=torch.Generator().manual_seed(3))
+    base = dict(scale_factor=4, kernel_size=61, blur_sigma=3.0, motion_intensity=0.5, mask_amount=0.4,
+                sigma_y=0.0, seed=1)
+    for kind in r.KINDS:
+        kw = dict(base)
+        if kind == "inpaint_mask":
+            kw["mask"] = (torch.rand(56, 72) > 0.5).float()
+        if kind == "salt_pepper":
+            kw["mask_amount"] = 0.02
+        op = r.DegradationOperator.execute(kind, **kw).args[0]
+        y, view = r.DegradeImage.execute(img, op, 0).args
+        assert y.shape[0] == 2 and y.shape[-1] == 3 and view.ndim == 4 and view.shape[-1] == 3, kind
+        assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+        if kind.startswith("sr_"):
+            assert y.shape[1:3] == (14, 18)
+        else:
+            assert y.shape == img.shape
+        if kind == "inpaint_mask":  # known pixels untouched, missing ones zeroed (0 in [-1, 1] is grey)
+            m = kw["mask"].bool()
+            assert torch.allclose(y[:, ~m], img[:, ~m], atol=1e-6) and torch.allclose(y[:, m], torch.full_like(y[:, m], 0.5))
+    with pytest.raises(Exception, match=r"^image: the image is 70x56, which the scale factor 4"):
+        r.DegradeImage.execute(img[:, :, :70], r.DegradationOperator.execute("sr_avgpool", **base).args[0], 0)
+    with pytest.raises(Exception, match=r"^mask: the mask is 10x10"):
+        op = r.DegradationOperator.execute("inpaint_mask", **dict(base, mask=torch.ones(10, 10))).args[0]
+        r.DegradeImage.execute(img, op, 0)
+    with pytest.raises(Exception, match=r"^mask: kind inpaint_mask needs a MASK"):
+        r.DegradationOperator.execute("inpaint_mask", **base)
