@@ -1,0 +1,71 @@
+"""Posterior sampling for inverse problems y = A(D(z_0)) + n with a latent diffusion prior.
+
+So far: LDPS (latent diffusion posterior sampling, DPS of Chung et al. 2023 applied through the
+decoder) and PSLD (Rout et al. 2023: LDPS plus the "gluing" term), following the algorithm
+summary in ../shared/papers/NOTES.md (P2L section, steps 3 and the PSLD baseline line):
+
+    x0_hat = Tweedie(z_t, eps(z_t))                              (predicted x0)
+    z'_{t-1} = DDIM/DDPM step(z_t, eps)                          (eta = 0: DDIM, 1: DDPM)
+    z_{t-1} = z'_{t-1} - zeta grad_{z_t} ||y - A D(x0_hat)||                     (LDPS)
+                       - gamma grad_{z_t} ||E(A^T y + (I - A^T A) D(x0_hat)) - x0_hat||^2   (PSLD)
+
+zeta follows DPS: the gradient of the residual norm (DPS Alg. 1's zeta' / ||y - A x0|| times the
+gradient of the squared norm, up to the factor 2). Works with any noise predictor, decoder and
+encoder callables and any :mod:`.operators` operator.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+
+from .ddim import predicted_x0
+from .inversion import ddpm_posterior
+from .operators import Operator
+from .protocols import NoisePredictor, StepCallback
+from .schedule import TimestepGrid
+
+Tensor = torch.Tensor
+
+
+def ldps(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], op: Operator, y: Tensor, grid: TimestepGrid,
+         cond: Any, z_T: Tensor, zeta: float = 1.0, eta: float = 0.0, gamma: float = 0.0,
+         encode: Optional[Callable[[Tensor], Tensor]] = None, generator: Optional[torch.Generator] = None,
+         callback: StepCallback = None, grad_context: Callable[[], ContextManager] = torch.enable_grad,
+         ) -> tuple[Tensor, list[float]]:
+    """LDPS (``gamma = 0``) or PSLD (``gamma > 0``, needs ``encode``). Returns the final latent and
+    the measurement residual ||y - A D(x0_hat)|| per step."""
+    if gamma > 0 and encode is None:
+        raise ValueError("PSLD's gluing term needs the encoder")
+    ts, ab = grid.timesteps, grid.alphas_cumprod
+    z = z_T.detach().float()
+    residuals = []
+    for i in range(grid.steps):
+        with grad_context():
+            zz = z.detach().clone().requires_grad_(True)
+            eps = predictor(zz, ts[i], [cond])[0].float()
+            x0 = predicted_x0(zz, eps, ab[i])
+            xd = decode(x0)
+            r = (y - op.A(xd)).reshape(y.shape[0], -1).norm(dim=1)
+            objective = zeta * r.sum()
+            if gamma > 0:
+                glued = op.At(y, xd) + xd - op.At(op.A(xd), xd)
+                objective = objective + gamma * (encode(glued) - x0).pow(2).sum()
+            (grad,) = torch.autograd.grad(objective, zz)
+        residuals.append(float(r.detach().mean()))
+        eps = eps.detach()
+        mean, sigma = ddpm_posterior(z, eps, ab[i], ab[i + 1], eta)
+        z_next = mean
+        if sigma > 0:
+            z_next = z_next + sigma * torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        z = (z_next - grad.detach()).detach()
+        if callback is not None:
+            callback(i, grid.steps, z)
+    return z, residuals
+
+
+def gaussian_posterior_mean_inpaint(y: Tensor, mask: Tensor, mean: Tensor, std: float, sigma_y: float) -> Tensor:
+    """Exact E[x | y] for x ~ N(mean, std^2 I), y = M x + n, n ~ N(0, sigma_y^2) on the observed entries."""
+    s2, n2 = std * std, sigma_y * sigma_y
+    observed = (s2 * y + n2 * mean) / (s2 + n2)
+    return torch.where(mask.bool().expand_as(y), observed, mean.expand_as(y))

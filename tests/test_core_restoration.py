@@ -1,0 +1,56 @@
+"""Posterior samplers (core/restoration.py) on a Gaussian prior with a linear operator, where the
+true posterior is known."""
+import pytest
+import torch
+
+from comfyui_inverse.core import ddim, operators as ops, restoration as rs, schedule
+from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
+
+
+def _problem(op_name="inpaint"):
+    ac = schedule.scaled_linear_alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 16, 16, generator=g, dtype=torch.float64) * 0.5
+    model = GaussianMixtureDenoiser({"c": MixturePrior.gaussian(mean, 0.7)}, ac)
+    x_true = (mean[None] + 0.7 * torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64)).float()
+    op = ops.Inpaint(ops.random_mask(16, 16, 0.5, seed=1), sigma_y=0.05) if op_name == "inpaint" else ops.AvgPoolSR(4, 0.05)
+    y = op.measure(x_true, g)
+    grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(50, steps_offset=1))
+    return model, op, y, grid, mean
+
+
+def _residual(op, y, z):
+    return float((y - op.A(z)).norm())
+
+
+@pytest.mark.parametrize("op_name", ["inpaint", "sr"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_guided_sampling_lowers_the_measurement_residual(op_name, gamma):
+    model, op, y, grid, mean = _problem(op_name)
+    ident = lambda v: v  # noqa: E731
+    unguided, guided = [], []
+    for s in range(3):
+        zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(100 + s))
+        unguided.append(_residual(op, y, ddim.ddim_sample(model, zT, grid, "c")[-1]))
+        z, res = rs.ldps(model, ident, op, y, grid, "c", zT, zeta=3.0, gamma=gamma, encode=ident)
+        guided.append(_residual(op, y, z))
+        assert len(res) == 50 and res[-1] < res[0]
+    assert sum(guided) < 0.25 * sum(unguided), (guided, unguided)
+
+
+def test_ldps_approaches_the_true_posterior_mean():
+    model, op, y, grid, mean = _problem("inpaint")
+    post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), 0.7, 0.05)
+    zs = [rs.ldps(model, lambda v: v, op, y, grid, "c",
+                  torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(200 + s)), zeta=3.0)[0]
+          for s in range(6)]
+    avg = torch.stack(zs).mean(0)
+    unguided = torch.stack([ddim.ddim_sample(model, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(200 + s)),
+                                             grid, "c")[-1] for s in range(6)]).mean(0)
+    assert ddim.reconstruction_rmse(avg, post) < 0.6 * ddim.reconstruction_rmse(unguided, post)
+
+
+def test_psld_needs_the_encoder():
+    model, op, y, grid, mean = _problem()
+    with pytest.raises(ValueError, match="encoder"):
+        rs.ldps(model, lambda v: v, op, y, grid, "c", torch.zeros(1, 4, 16, 16), gamma=0.1)
