@@ -71,11 +71,6 @@ class GaussianMixtureDenoiser:
         abar = float(self.alphas_cumprod[int(t)])
         return torch.stack([self.eps(z, abar, self._prior(c)) for c in conds])
 
-    def posterior_sample_x0(self, z: Tensor, abar: float, cond: Any) -> Tensor:
-        """Tweedie mean E[z_0 | z_t] (same as predicted_x0 with the exact eps)."""
-        e = self.eps(z, abar, self._prior(cond))
-        return (z - math.sqrt(1.0 - abar) * e) / math.sqrt(abar)
-
 
 def gaussian_flow(z: Tensor, abar_from: float, abar_to: float, mean: Tensor, std: float) -> Tensor:
     """Exact probability-flow ODE map between two levels for a Gaussian prior N(mean, std^2 I):

@@ -52,7 +52,3 @@ class InversionResult:
             if key in extras:
                 extras[key] = [t.to(device) for t in extras[key]]
         return InversionResult([z.to(device) for z in self.trajectory], self.grid, self.method, self.guidance, extras)
-
-    def latent_at_step(self, step: int) -> Tensor:
-        """The latent a sampler expects at its ``step``-th level (0 = the noisiest)."""
-        return self.trajectory[len(self.trajectory) - 1 - step]

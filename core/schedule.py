@@ -43,10 +43,6 @@ def alphas_cumprod_from_sigmas(sigmas: Tensor) -> Tensor:
     return 1.0 / (1.0 + sigmas * sigmas)
 
 
-def sigma_from_alpha_cumprod(abar: float) -> float:
-    return math.sqrt((1.0 - abar) / abar)
-
-
 def timestep_spacing(steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
                      steps_offset: int = 0, original_steps: int = 50) -> list[int]:
     """Model timesteps of an N-step sampler, in sampling (descending) order.
