@@ -11,10 +11,12 @@ summary in ../shared/papers/NOTES.md (P2L section, steps 3 and the PSLD baseline
 
 zeta follows DPS: the gradient of the residual norm (DPS Alg. 1's zeta' / ||y - A x0|| times the
 gradient of the squared norm, up to the factor 2). Works with any noise predictor, decoder and
-encoder callables and any :mod:`.operators` operator.
+encoder callables and any :mod:`.operators` operator. :func:`stsl` implements STSL's Algorithm 1
+(second-order Tweedie through a Hutchinson trace estimate, stochastic averaging with Adam).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -69,3 +71,58 @@ def gaussian_posterior_mean_inpaint(y: Tensor, mask: Tensor, mean: Tensor, std: 
     s2, n2 = std * std, sigma_y * sigma_y
     observed = (s2 * y + n2 * mean) / (s2 + n2)
     return torch.where(mask.bool().expand_as(y), observed, mean.expand_as(y))
+
+
+def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: Callable[[Tensor], Tensor],
+         op: Operator, y: Tensor, grid: TimestepGrid, cond: Any, like: Tensor, K: int = 5, lam: float = 1.0,
+         eta: float = 0.02, lr: float = 1e-2, lr_decay: float = 0.998, z_init: Optional[Tensor] = None,
+         generator: Optional[torch.Generator] = None, callback: StepCallback = None,
+         grad_context: Callable[[], ContextManager] = torch.enable_grad) -> tuple[Tensor, list[float]]:
+    """STSL (Rout et al., ../shared/papers/stsl-second-order-tweedie.txt, Algorithm 1).
+
+    Lines 1-4: forward-latent initialisation from E(A^T y) (or ``z_init``, e.g. Gaussian noise for
+    free-form inpainting), noised to the first level with the forward kernel. Lines 6-12: per reverse step, K Adam updates of z_t on the surrogate loss
+    lambda ||y - A D(x0_hat(z_t))||^2 + (eta / d) eps^T (s(z_t + eps) - s(z_t)) (the Hutchinson
+    estimate of the score Jacobian's trace; s = -eps_theta / sqrt(1 - abar); z_t and z_t + eps go
+    through the predictor in one call), learning rate ``lr`` decaying by ``lr_decay`` per step.
+    Lines 13-14: the DDPM posterior-mean step with the refined z_t. ``like`` is an image of the
+    clean image's shape (for A^T). Returns the final latent and the residual per step.
+    """
+    ts, ab = grid.timesteps, grid.alphas_cumprod
+    with torch.no_grad():
+        z = (encode(op.At(y, like)) if z_init is None else z_init).float()
+        # lines 1-4 through the Gaussian transition kernel of the forward process (the text's
+        # "forward process in Eq. (1) using the Gaussian transition kernel"): composed over the grid it
+        # is z_T = sqrt(abar_T) z_0 + sqrt(1 - abar_T) n. (Line 3 read literally, with the model's
+        # eps in place of fresh noise, multiplies the latent's scale at every step and diverges.)
+        n = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        z = math.sqrt(ab[0]) * z + math.sqrt(1.0 - ab[0]) * n
+    residuals = []
+    for i in range(grid.steps):
+        a, a_next = ab[i], ab[i + 1]
+        sq = math.sqrt(1.0 - a)
+        with grad_context():
+            var = z.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([var], lr=lr * lr_decay ** i)
+            d = var[0].numel()
+            for k in range(K):
+                n = torch.randn(var.shape, generator=generator, dtype=var.dtype).to(var.device)
+                e_both = predictor(torch.cat([var, var + n]), ts[i], [cond])[0].float()
+                e_z, e_n = e_both[: var.shape[0]], e_both[var.shape[0]:]
+                x0 = predicted_x0(var, e_z, a)
+                fit = (y - op.A(decode(x0))).pow(2).sum()
+                trace = -(n * (e_n - e_z)).sum() / sq  # eps^T (s(z + eps) - s(z)), s = -eps_theta / sqrt(1 - a)
+                loss = lam * fit + (eta / d) * trace
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        z = var.detach()
+        with torch.no_grad():
+            e = predictor(z, ts[i], [cond])[0].float()
+            x0 = predicted_x0(z, e, a)
+            residuals.append(float((y - op.A(decode(x0))).reshape(y.shape[0], -1).norm(dim=1).mean()))
+            alpha = a / a_next
+            z = (math.sqrt(alpha) * (1.0 - a_next) / (1.0 - a)) * z + (math.sqrt(a_next) * (1.0 - alpha) / (1.0 - a)) * x0
+        if callback is not None:
+            callback(i, grid.steps, z)
+    return z, residuals
