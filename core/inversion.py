@@ -71,12 +71,21 @@ class _Step:
         eps = guided_eps(self.predictor, z, self.t, self.cond, self.uncond, self.guidance)
         return ddim_step(self.z_s, eps.to(self.z_s.dtype), self.a_s, self.a_t)
 
-    def prior_nll(self, z: Tensor) -> Tensor:
-        """-sum_j log q_j(z | z_s) up to its constant: q is the forward transition from level s
-        to level t, N(sqrt(a_t/a_s) z_s, (1 - a_t/a_s) I) (RNRI eq. 1 over a strided grid)."""
+    def _prior(self) -> tuple[Tensor, float]:
+        """Mean and variance of the forward transition q(z | z_s) from level s to level t,
+        N(sqrt(a_t/a_s) z_s, (1 - a_t/a_s) I) (RNRI eq. 1 over a strided grid)."""
         ratio = self.a_t / self.a_s
-        var = max(1.0 - ratio, 1e-12)
-        return ((z - math.sqrt(ratio) * self.z_s) ** 2).sum() / (2.0 * var)
+        return math.sqrt(ratio) * self.z_s, max(1.0 - ratio, 1e-12)
+
+    def prior_nll(self, z: Tensor) -> Tensor:
+        """-sum_j log q_j(z | z_s) up to its constant."""
+        mean, var = self._prior()
+        return ((z - mean) ** 2).sum() / (2.0 * var)
+
+    def prior_grad(self, z: Tensor) -> Tensor:
+        """The gradient of :meth:`prior_nll`, (z - mean) / var."""
+        mean, var = self._prior()
+        return (z - mean) / var
 
 
 def rnri_objective(step: _Step, z: Tensor, lam: float) -> tuple[Tensor, Tensor]:
@@ -97,7 +106,7 @@ def _keep_best(best, res: float, z: Tensor):
     return best
 
 
-def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float]]:
+def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """RNRI eq. 8: z_i <- z_i - F(z) / (d (g_i + eta)), g = dF/dz, from z^0 = z_s.
 
     With ``cfg.jacobian_free`` the model's Jacobian is dropped and the step returns f(z^K) as the
@@ -108,8 +117,6 @@ def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tup
     z = step.z_s.detach().clone()
     d = z.numel()
     hist, best = [], None
-    ratio = step.a_t / step.a_s
-    var = max(1.0 - ratio, 1e-12)
     for k in range(cfg.iterations + 1):
         last = k == cfg.iterations
         if cfg.jacobian_free or last:
@@ -117,7 +124,7 @@ def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tup
                 r = z - step.f(z)
                 res = _mean_abs(r)
                 F = r.abs().sum() + cfg.lam * step.prior_nll(z)
-                g = torch.sign(r) + cfg.lam * (z - math.sqrt(ratio) * step.z_s) / var
+                g = torch.sign(r) + cfg.lam * step.prior_grad(z)
         else:
             with grad_context():
                 zz = z.detach().clone().requires_grad_(True)
@@ -145,7 +152,7 @@ def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tup
     return best[1], hist, best[0]
 
 
-def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float]]:
+def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """Fixed-point iteration z^{k+1} = f(z^k) from z^0 = z_s (AIDI; its first update is DDIM inversion)."""
     z = step.z_s.detach().clone()
     hist, best = [], None
@@ -161,7 +168,7 @@ def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext)
     return best[1], hist, best[0]
 
 
-def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float]]:
+def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """Gradient descent z <- z - lr * grad 0.5 ||z - f(z)||^2 from z^0 = z_s (ExactDPM-style baseline)."""
     z = step.z_s.detach().clone()
     hist, best = [], None

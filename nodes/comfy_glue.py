@@ -332,7 +332,7 @@ class ProgressReporter:
     def stage(self, offset: int) -> "ProgressReporter":
         return ProgressReporter(self.total, offset=offset, bar=self.bar)
 
-    def __call__(self, step: int, total: int, z: Tensor) -> None:
+    def __call__(self, step: int, total: int, z: Optional[Tensor] = None) -> None:
         self.bar.update_absolute(self.offset + step + 1, self.total)
         comfy.model_management.throw_exception_if_processing_interrupted()
 

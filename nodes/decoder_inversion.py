@@ -72,8 +72,7 @@ class DecoderInversion(io.ComfyNode):
                 raise glue.InverseInputError(f"latent: shape {tuple(z0.shape)} does not fit the image's latent "
                                              f"{(x.shape[0],) + tuple(expected)}; encode this image with this VAE.")
             z0 = z0.expand(x.shape[0], *z0.shape[1:]).float()
-        bar = glue.ProgressReporter(iterations)
-        progress = lambda k, total: bar(k, total, None)  # noqa: E731
+        progress = glue.ProgressReporter(iterations)
         if method == "gradient_based":
             z, rec = di.gradient_based(codec.encode, codec.decode_differentiable, x, z0, iterations, lr=step_size,
                                        callback=progress, grad_context=codec.autograd)

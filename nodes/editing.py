@@ -76,7 +76,6 @@ class ProxEdit(io.ComfyNode):
         B = inversion.batch_size
         negative = negative if negative is not None else inversion.extras.get("negative_cond")
         conds = {"target": target}
-        per_step = None
         if base == "source":
             if "source_cond" not in inversion.extras:
                 raise glue.InverseInputError("inversion: this inversion carries no source prompt; use base 'negative'.")
@@ -98,16 +97,16 @@ class ProxEdit(io.ComfyNode):
         progress = glue.ProgressReporter(grid.steps - skip_steps)
 
         def run(pred):
+            result = inversion.to(pred.device)
             src = "source" if base == "source" else "negative"
-            nonlocal per_step
+            per_step = None
             if base == "source" and source_null_mix > 0:
                 mixed = proxedit.slerp(source_null_mix, pred.embedding("source").float(),
                                        pred.embedding("negative").float())
                 src = glue.Cond("source", context=mixed)
             if base == "negative" and inversion.method == "null_text":
-                per_step = [glue.Cond("negative", context=e.to(pred.device)) for e in inversion.extras["null_embeddings"]]
-            traj = proxedit.prox_edit(pred, inversion.to(pred.device), src, "target", cfg, skip_steps, progress,
-                                      per_step)
+                per_step = [glue.Cond("negative", context=e) for e in result.extras["null_embeddings"]]
+            traj = proxedit.prox_edit(pred, result, src, "target", cfg, skip_steps, progress, per_step)
             return pred.process_latent_out(traj[-1]).cpu()
 
         return io.NodeOutput({"samples": glue.run_with_predictor(model, conds, inversion.z0.shape, run)})
