@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .attention_control import BASE, SOURCE, SOURCE_BASE, TARGET, AttentionController
 from .ddim import ddim_step, predicted_x0
 from .inversion import ddpm_posterior
 from .protocols import NoisePredictor, StepCallback
@@ -113,27 +114,59 @@ def proximal_eps(e_src: Tensor, e_tar: Tensor, cfg: ProxConfig) -> tuple[Tensor,
     return e_src + cfg.guidance * PROX[cfg.prox](d, thr), edit_mask(d, thr, cfg.dilation)
 
 
+def edit_predict(predictor: NoisePredictor, z: Tensor, z_src: Tensor, t: int, base: Any, tar: Any,
+                 control: Optional[AttentionController] = None, source: Any = None,
+                 step: int = 0) -> tuple[Tensor, Tensor]:
+    """(eps_base, eps_tar) at the edited latent ``z``, with the attention control's source branch
+    (prompt ``source`` on the stored inversion latent ``z_src``) evaluated first when the step needs
+    it: one predictor call [base, tar], plus one [source (, base)] call under attention control."""
+    if control is None:
+        e = predictor(z, t, [base, tar])
+        return e[0], e[1]
+    control.begin_step(step)
+    try:
+        if control.active():
+            conds, roles = [source], [SOURCE]
+            if control.needs_source_base():
+                conds.append(base)
+                roles.append(SOURCE_BASE)
+            control.capture(roles)
+            predictor(z_src, t, conds)
+        control.inject([BASE, TARGET])
+        e = predictor(z, t, [base, tar])
+    finally:
+        control.off()
+    return e[0], e[1]
+
+
 def prox_edit(predictor: NoisePredictor, result: InversionResult, src: Any, tar: Any, cfg: ProxConfig,
               start_step: int = 0, callback: StepCallback = None,
-              per_step_src: Optional[Sequence[Any]] = None) -> list[Tensor]:
+              per_step_src: Optional[Sequence[Any]] = None,
+              control: Optional[AttentionController] = None, source: Any = None) -> list[Tensor]:
     """Edit from an inversion with proximal guidance (supplement Alg. 2, with inversion guidance).
 
     ``src`` is the branch the guidance starts from: the source prompt for negative-prompt inversion
     (Prox-NPI), the null/negative prompt otherwise (``per_step_src`` gives null-text inversion's
     per-step embeddings). Both branches go through the predictor in one call per step. DDPM
-    inversions sample with their stored noise maps (eq. 16). Returns the sampling trajectory.
+    inversions sample with their stored noise maps (eq. 16).
+
+    ``control`` adds prompt-to-prompt / MasaCtrl attention control (supplement D): the source
+    branch (prompt ``source``, default ``src``) runs on the stored inversion latent of each step
+    and LocalBlend pulls the latent outside the edited words back to the stored trajectory.
+    Returns the sampling trajectory.
     """
     grid = result.grid
     ts, ab = grid.timesteps, grid.alphas_cumprod
     keep = result.trajectory[::-1]  # sampling order
     z0_src = result.z0
     ddpm = result.method == "ddpm"
+    source = src if source is None else source
     z = keep[start_step].float()
     traj = [z]
     total = grid.steps - start_step
     for i in range(start_step, grid.steps):
         s = per_step_src[i] if per_step_src is not None else src
-        e_src, e_tar = predictor(z, ts[i], [s, tar])
+        e_src, e_tar = edit_predict(predictor, z, keep[i].to(z), ts[i], s, tar, control, source, i)
         eps, m = proximal_eps(e_src.float(), e_tar.float(), cfg)
         unedited = 1.0 - m
         guided = ts[i] < cfg.t_rec
@@ -152,6 +185,8 @@ def prox_edit(predictor: NoisePredictor, result: InversionResult, src: Any, tar:
             z = z_next
         if cfg.inversion_guidance > 0 and guided:
             z = z - cfg.inversion_guidance * unedited * (z - keep[i + 1].to(z))
+        if control is not None:
+            z = control.blend_latent(z, keep[i + 1].to(z))
         traj.append(z)
         if callback is not None:
             callback(i - start_step, total, z)

@@ -79,3 +79,48 @@ def gaussian_flow(z: Tensor, abar_from: float, abar_to: float, mean: Tensor, std
     m = mean.double()
     u = (zz - math.sqrt(abar_from) * m) / math.sqrt(abar_from * std ** 2 + 1.0 - abar_from)
     return math.sqrt(abar_to) * m + math.sqrt(abar_to * std ** 2 + 1.0 - abar_to) * u
+
+
+class ToyAttentionModel:
+    """A tiny random-weight eps predictor with the attention layout of an SD UNet block (self-
+    attention, cross-attention to a prompt context, self-attention again), whose attention layers
+    call an :class:`~.attention_control.AttentionController` like the ComfyUI glue does. Handles are
+    keys of ``contexts`` ([tokens, dim] each). It exists to test attention control exactly."""
+
+    def __init__(self, contexts: Mapping[Hashable, Tensor], channels: int = 4, dim: int = 16, heads: int = 2,
+                 seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        ctx_dim = next(iter(contexts.values())).shape[-1]
+
+        def w(a, b):
+            return torch.randn(a, b, generator=g) / math.sqrt(a)
+
+        self.contexts = dict(contexts)
+        self.heads = heads
+        self.w_in, self.w_out = w(channels, dim), w(dim, channels) * 0.5
+        self.self_w = [[w(dim, dim) for _ in range(4)] for _ in range(2)]
+        self.cross_w = [w(dim, dim), w(ctx_dim, dim), w(ctx_dim, dim), w(dim, dim)]
+        self.controller = None
+        self.calls = 0
+
+    def _attend(self, kind, key, layer, q, k, v, n):
+        from .attention_control import sdpa
+        if self.controller is None:
+            return sdpa(q, k, v, self.heads)
+        roles = [self.controller.roles[j] if j < len(self.controller.roles) else None for j in range(n)]
+        return self.controller.attend(kind, key, layer, q, k, v, self.heads, roles, self.latent_hw)
+
+    def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
+        self.calls += 1
+        n, B, C, H, W = len(conds), z.shape[0], z.shape[1], z.shape[2], z.shape[3]
+        self.latent_hw = (H, W)
+        x = z.float().repeat(n, 1, 1, 1).flatten(2).transpose(1, 2)             # [nB, HW, C]
+        h = x @ self.w_in + 0.01 * float(t)
+        ctx = torch.cat([self.contexts[c].float()[None].expand(B, -1, -1) for c in conds])
+        for layer, (wq, wk, wv, wo) in enumerate(self.self_w):
+            h = h + self._attend("self", f"self{layer}", layer, h @ wq, h @ wk, h @ wv, n) @ wo
+            if layer == 0:
+                wq2, wk2, wv2, wo2 = self.cross_w
+                h = h + self._attend("cross", "cross0", layer, h @ wq2, ctx @ wk2, ctx @ wv2, n) @ wo2
+        eps = (h @ self.w_out).transpose(1, 2).reshape(n, B, C, H, W)
+        return eps
