@@ -139,11 +139,53 @@ def edit_predict(predictor: NoisePredictor, z: Tensor, z_src: Tensor, t: int, ba
     return e[0], e[1]
 
 
+def edit_step(predictor: NoisePredictor, result: InversionResult, z: Tensor, i: int, src: Any, tar: Any,
+              cfg: ProxConfig, control: Optional[AttentionController] = None, source: Any = None,
+              noise: Optional[Tensor] = None) -> Tensor:
+    """One edit step from level ``grid.timesteps[i]`` to the next (supplement Alg. 2 lines 4-12):
+    proximal eps, reconstruction guidance on x0, the DDIM step (or, with ``noise``, the DDPM
+    posterior step of eq. 16 with that noise map), inversion guidance toward the stored trajectory,
+    and LocalBlend when ``control`` asks for it. Returns z_{t-1}."""
+    grid = result.grid
+    ab_t, ab_s, t = grid.alphas_cumprod[i], grid.alphas_cumprod[i + 1], grid.timesteps[i]
+    keep = result.trajectory[::-1]  # sampling order
+    source = src if source is None else source
+    e_src, e_tar = edit_predict(predictor, z, keep[i].to(z), t, src, tar, control, source, i)
+    eps, m = proximal_eps(e_src.float(), e_tar.float(), cfg)
+    unedited = 1.0 - m
+    guided = t < cfg.t_rec
+    if cfg.reconstruction_guidance > 0 and guided:
+        x0 = predicted_x0(z, eps, ab_t)
+        x0 = x0 - cfg.reconstruction_guidance * unedited * (x0 - result.z0.to(x0))
+        # Alg. 2 line 12 keeps eps and moves x0: z_{t-1} = sqrt(a') x0 + sqrt(1 - a') eps
+        z_next = math.sqrt(ab_s) * x0 + math.sqrt(1.0 - ab_s) * eps
+        eps_ddpm = (z - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
+    else:
+        z_next, eps_ddpm = ddim_step(z, eps, ab_t, ab_s), eps
+    if noise is not None:
+        mean, sigma = ddpm_posterior(z, eps_ddpm, ab_t, ab_s)
+        z_next = mean + (sigma if sigma > 0 else 1.0) * noise.to(z)
+    if cfg.inversion_guidance > 0 and guided:
+        z_next = z_next - cfg.inversion_guidance * unedited * (z_next - keep[i + 1].to(z))
+    if control is not None:
+        z_next = control.blend_latent(z_next, keep[i + 1].to(z))
+    return z_next
+
+
+def ddim_x0_for(z: Tensor, z_next: Tensor, abar_t: float, abar_s: float) -> Tensor:
+    """The x0 whose DDIM step from z (level abar_t) lands on z_next (level abar_s > abar_t):
+    z_next = sqrt(a_s) x0 + sqrt(1 - a_s) (z - sqrt(a_t) x0) / sqrt(1 - a_t), solved for x0.
+    This is how a GUIDER hands any edit step to a deterministic (DDIM/Euler) sampler."""
+    r = math.sqrt(1.0 - abar_s) / math.sqrt(1.0 - abar_t)
+    return (z_next - r * z) / (math.sqrt(abar_s) - r * math.sqrt(abar_t))
+
+
 def prox_edit(predictor: NoisePredictor, result: InversionResult, src: Any, tar: Any, cfg: ProxConfig,
               start_step: int = 0, callback: StepCallback = None,
               per_step_src: Optional[Sequence[Any]] = None,
               control: Optional[AttentionController] = None, source: Any = None) -> list[Tensor]:
-    """Edit from an inversion with proximal guidance (supplement Alg. 2, with inversion guidance).
+    """Edit from an inversion with proximal guidance (supplement Alg. 2, with inversion guidance):
+    :func:`edit_step` from ``start_step`` to the end.
 
     ``src`` is the branch the guidance starts from: the source prompt for negative-prompt inversion
     (Prox-NPI), the null/negative prompt otherwise (``per_step_src`` gives null-text inversion's
@@ -152,41 +194,18 @@ def prox_edit(predictor: NoisePredictor, result: InversionResult, src: Any, tar:
 
     ``control`` adds prompt-to-prompt / MasaCtrl attention control (supplement D): the source
     branch (prompt ``source``, default ``src``) runs on the stored inversion latent of each step
-    and LocalBlend pulls the latent outside the edited words back to the stored trajectory.
-    Returns the sampling trajectory.
+    (one more predictor call on the steps that need it) and LocalBlend pulls the latent outside
+    the edited words back to the stored trajectory. Returns the sampling trajectory.
     """
     grid = result.grid
-    ts, ab = grid.timesteps, grid.alphas_cumprod
-    keep = result.trajectory[::-1]  # sampling order
-    z0_src = result.z0
-    ddpm = result.method == "ddpm"
-    source = src if source is None else source
-    z = keep[start_step].float()
+    z = result.trajectory[::-1][start_step].float()
     traj = [z]
     total = grid.steps - start_step
+    maps = result.extras.get("noise_maps") if result.method == "ddpm" else None
     for i in range(start_step, grid.steps):
         s = per_step_src[i] if per_step_src is not None else src
-        e_src, e_tar = edit_predict(predictor, z, keep[i].to(z), ts[i], s, tar, control, source, i)
-        eps, m = proximal_eps(e_src.float(), e_tar.float(), cfg)
-        unedited = 1.0 - m
-        guided = ts[i] < cfg.t_rec
-        if cfg.reconstruction_guidance > 0 and guided:
-            x0 = predicted_x0(z, eps, ab[i])
-            x0 = x0 - cfg.reconstruction_guidance * unedited * (x0 - z0_src.to(x0))
-            # Alg. 2 line 12 keeps eps and moves x0: z_{t-1} = sqrt(a') x0 + sqrt(1 - a') eps
-            z_next = math.sqrt(ab[i + 1]) * x0 + math.sqrt(1.0 - ab[i + 1]) * eps
-            eps_ddpm = (z - math.sqrt(ab[i]) * x0) / math.sqrt(1.0 - ab[i])
-        else:
-            z_next, eps_ddpm = ddim_step(z, eps, ab[i], ab[i + 1]), eps
-        if ddpm:
-            mean, sigma = ddpm_posterior(z, eps_ddpm, ab[i], ab[i + 1])
-            z = mean + (sigma if sigma > 0 else 1.0) * result.extras["noise_maps"][i].to(z)
-        else:
-            z = z_next
-        if cfg.inversion_guidance > 0 and guided:
-            z = z - cfg.inversion_guidance * unedited * (z - keep[i + 1].to(z))
-        if control is not None:
-            z = control.blend_latent(z, keep[i + 1].to(z))
+        z = edit_step(predictor, result, z, i, s, tar, cfg, control, source if source is not None else src,
+                      maps[i] if maps is not None else None)
         traj.append(z)
         if callback is not None:
             callback(i - start_step, total, z)

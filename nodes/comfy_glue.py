@@ -513,3 +513,116 @@ def plot_curves(curves: Mapping[str, Sequence[float]], title: str, width: int = 
     import numpy as np
 
     return torch.from_numpy(np.asarray(img).astype("float32") / 255.0)[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# attention control: prompt tokens and attention replace patches
+
+def prompt_tokens(clip, text: str, input_name: str) -> tuple[list[int], int]:
+    """The token ids of ``text``'s words (no BOS/EOS/padding) and the context length the model
+    attends to, from the CLIP's own tokenizer ("l" for SD1.x/SDXL, else its first tokenizer)."""
+    tokens = clip.tokenize(text, return_word_ids=True)
+    key = "l" if "l" in tokens else sorted(tokens)[0]
+    chunks = tokens[key]
+    if len(chunks) != 1:
+        raise InverseInputError(f"{input_name}: the prompt is longer than one 75-token chunk; attention control "
+                                f"needs a prompt of at most 75 tokens.")
+    ids = [int(t[0]) for t in chunks[0] if len(t) > 2 and t[2] > 0]
+    return ids, len(chunks[0])
+
+
+def word_tokens(clip, word: str) -> list[int]:
+    return prompt_tokens(clip, word, "words")[0]
+
+
+def attention_layers(model) -> list[tuple[str, int, int]]:
+    """The UNet's transformer layers in forward order as ComfyUI's patch keys (block, id, index)."""
+    dm = getattr(model.model, "diffusion_model", None)
+    if dm is None or not hasattr(dm, "input_blocks") or not hasattr(dm, "output_blocks"):
+        raise InverseInputError("model: attention control needs a UNet model (SD1.x, SD2.x, SDXL); this model has "
+                                "no input/output blocks.")
+    keys = []
+    stages = (("input", list(dm.input_blocks)), ("middle", [dm.middle_block] if dm.middle_block is not None else []),
+              ("output", list(dm.output_blocks)))
+    for name, blocks in stages:
+        for i, block in enumerate(blocks):
+            for m in block.modules():
+                if hasattr(m, "transformer_blocks"):
+                    keys += [(name, i, j) for j in range(len(m.transformer_blocks))]
+    if not keys:
+        raise InverseInputError("model: this UNet has no attention layers to control.")
+    return keys
+
+
+def with_attention_control(model, controller):
+    """A clone of ``model`` whose self- and cross-attention layers run through ``controller``
+    (:class:`core.attention_control.AttentionController`); the shared model is not changed.
+    The chunk roles come from ``extra_options["cond_or_uncond"]`` (indices into the conditioning
+    list of the current call), so the order in which ComfyUI batches the chunks does not matter."""
+    import comfy.ldm.modules.attention as attention
+
+    layers = attention_layers(model)
+    order = {key: n for n, key in enumerate(layers)}
+    clone = model.clone()
+
+    def make_patch(kind):
+        def patch(q, k, v, extra_options):
+            block = extra_options.get("block")
+            key = (block[0], block[1], extra_options.get("block_index", 0))
+            index = extra_options.get("cond_or_uncond") or [0]
+            roles = [controller.roles[j] if j < len(controller.roles) else None for j in index]
+            shape = extra_options.get("original_shape")
+            precision = extra_options.get("attn_precision")
+            controller.attention = lambda q_, k_, v_, h: attention.optimized_attention(q_, k_, v_, h, attn_precision=precision)
+            return controller.attend(kind, key, order.get(key, -1), q, k, v, extra_options["n_heads"], roles,
+                                     tuple(shape[-2:]) if shape else None)
+        return patch
+
+    self_patch, cross_patch = make_patch("self"), make_patch("cross")
+    for name, i in sorted({(b, i) for b, i, _ in layers}):
+        clone.set_model_attn1_replace(self_patch, name, i)
+        clone.set_model_attn2_replace(cross_patch, name, i)
+    return clone
+
+
+# ----------------------------------------------------------------------------------------------
+# a GUIDER that runs one core edit step per model evaluation
+
+class EditGuider(comfy.samplers.CFGGuider):
+    """GUIDER for SamplerCustomAdvanced over an inversion. ``step(predictor, result, z, i)`` returns
+    the edited z_{t-1} from z_t at grid step i (core.proxedit.edit_step); the guider returns the
+    denoised prediction whose DDIM/Euler step lands exactly there (core.proxedit.ddim_x0_for), so a
+    deterministic one-call-per-step sampler reproduces the core loop. The sigmas must be levels of
+    the inversion's grid (its SIGMAS output, possibly split)."""
+
+    def __init__(self, model, conds: Mapping[str, Any], result, step: Callable):
+        super().__init__(model)
+        self.inner_set_conds(dict(conds))
+        self.result = result
+        self.step = step
+        self._device_result = None
+
+    def _grid_index(self, sigma: float) -> int:
+        grid = self.result.grid
+        table = model_sigma_table(self.model_patcher)
+        for i, t in enumerate(grid.timesteps[:-1]):
+            s = float(table[int(t)])
+            if abs(s - sigma) <= 1e-4 * max(s, 1e-6):
+                return i
+        raise InverseInputError(
+            f"sigmas: the sampler asked for sigma {sigma:.5g}, which is not a level of the inversion's "
+            f"{grid.steps}-step grid; connect the inversion node's sigmas output (SplitSigmas to skip steps) "
+            f"and a one-evaluation-per-step sampler such as euler or ddim.")
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        from ..core.proxedit import ddim_x0_for
+
+        predictor = ComfyNoisePredictor(self, model_options)
+        if self._device_result is None:
+            self._device_result = self.result.to(predictor.device)
+        sigma = float(timestep.flatten()[0])
+        i = self._grid_index(sigma)
+        ab = self.result.grid.alphas_cumprod
+        z = x.float() / math.sqrt(1.0 + sigma * sigma)
+        z_next = self.step(predictor, self._device_result, z, i)
+        return ddim_x0_for(z, z_next, ab[i], ab[i + 1]).to(x.dtype)

@@ -8,3 +8,6 @@ CATEGORY = "Inverse"
 
 #: a degradation operator (core/operators.py): A, its adjoint and the measurement noise
 Operator = io.Custom("INVERSE_OPERATOR")
+
+#: prompt-to-prompt / MasaCtrl settings (core/attention_control.py AttentionControl)
+AttentionControl = io.Custom("INVERSE_ATTENTION_CONTROL")

@@ -776,3 +776,193 @@ def test_degradation_nodes_on_comfyui_images(pack):
         r.DegradeImage.execute(img, op, 0)
     with pytest.raises(Exception, match=r"^mask: kind inpaint_mask needs a MASK"):
         r.DegradationOperator.execute("inpaint_mask", **base)
+
+
+# --------------------------------------------------------------------------------------------
+# attention control and the GUIDER (issue 5, second part)
+
+def _editing(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.editing")
+
+
+def _ac(pack):
+    return importlib.import_module(pack.__name__ + ".core.attention_control")
+
+
+def _p2p_node(pack, loaded, src="a photo of a cat", tar="a photo of a dog", **kw):
+    args = dict(mode="replace", cross_replace=0.8, self_replace=0.5, reweight="", local_blend=False, blend_words="",
+                blend_threshold=0.3, blend_start=0.2)
+    args.update(kw)
+    with torch.inference_mode():
+        return _editing(pack).PromptToPrompt.execute(loaded[1], src, tar, **args).args
+
+
+def test_attention_hooks_change_only_the_conditional_target_branch(pack, glue, loaded):
+    model, clip, vae, pos, neg = loaded
+    ac = _ac(pack)
+    proxedit = importlib.import_module(pack.__name__ + ".core.proxedit")
+    control, src, tar = _p2p_node(pack, loaded)
+    control = control.combine(ac.AttentionControl(masactrl=ac.MutualSelfAttention(0, 0)))
+    options_before = repr(model.model_options)
+    ctl = ac.AttentionController(control, 10)
+    patched = glue.with_attention_control(model, ctl)
+    g = torch.Generator().manual_seed(0)
+    z_src = torch.randn(2, 4, 16, 16, generator=g)
+    z = z_src + 0.5 * torch.randn(2, 4, 16, 16, generator=g)
+
+    def run(pred):
+        plain = pred(z, 601, ["source", "target"])
+        same = pred(z_src, 601, ["source", "source"])
+        with UNetCounter() as counter:
+            e_base, e_tar = proxedit.edit_predict(pred, z, z_src, 601, "source", "target", ctl, "source", step=0)
+        # the target prompt on the source latent with the source's own attention: the source prediction
+        _, e_same = proxedit.edit_predict(pred, z_src, z_src, 601, "source", "source", ctl, "source", step=0)
+        return plain, same, e_base, e_tar, e_same, counter.batches
+
+    with torch.inference_mode():
+        plain, same, e_base, e_tar, e_same, batches = glue.run_with_predictor(
+            patched, {"source": src, "target": tar}, z.shape, run)
+        unpatched = glue.run_with_predictor(model, {"source": src}, z.shape, lambda p: p(z, 601, ["source"]))
+    assert _rel(e_base, plain[0]) < 1e-5          # the base (unconditional) branch is untouched
+    assert _rel(e_tar, plain[1]) > 1e-3           # the target branch is edited
+    assert _rel(e_same, same[1]) < 1e-4
+    assert batches == [2, 4]                      # capture call (source, batch 2), then [base, target]
+    assert ctl.edited_calls > 0 and ctl.mode == "off"
+    assert repr(model.model_options) == options_before   # the shared MODEL is not patched
+    assert _rel(unpatched[0], plain[0]) < 1e-5
+
+
+def test_prompt_to_prompt_node_errors_are_clear(pack, loaded):
+    with pytest.raises(Exception, match=r"^target_prompt: Replace \(word swap\) needs prompts with the same number of "
+                                        r"tokens: the source has 5, the target 6"):
+        _p2p_node(pack, loaded, "a photo of a cat", "a photo of a fluffy cat")
+    control, _, _ = _p2p_node(pack, loaded, "a photo of a cat", "a photo of a fluffy cat", mode="refine",
+                              local_blend=True, reweight="fluffy:2")
+    assert float(control.p2p.equalizer.max()) == 2.0 and int(control.p2p.blend_target.sum()) == 1
+    with pytest.raises(Exception, match=r"^reweight: 'zebra' is not in the target prompt"):
+        _p2p_node(pack, loaded, reweight="zebra:2")
+    with pytest.raises(Exception, match=r"^reweight: expected 'word:scale'"):
+        _p2p_node(pack, loaded, reweight="dog")
+    with pytest.raises(Exception, match=r"^blend_words: the prompts do not differ"):
+        _p2p_node(pack, loaded, tar="a photo of a cat", local_blend=True)
+
+
+def _npi(pack, loaded, cond, steps=8, batch=1):
+    n = _nodes(pack)
+    lat = _encode(loaded, batch=batch)
+    with torch.inference_mode():
+        res = n.NegativePromptInversion.execute(loaded[0], cond, steps, "auto", latent=lat).args[0]
+        rec = n.SampleFromInversion.execute(loaded[0], cond, res, 7.5, 0).args[0]["samples"]
+    return lat["samples"], res, rec
+
+
+def test_proxedit_with_attention_control_keeps_exact_reconstruction_and_edits(pack, loaded):
+    """Attention control edits only the target branch, so at quantile 1 the edit is still the NPI
+    reconstruction; below it, P2P and MasaCtrl change the edit. Prompt mismatches are clear errors."""
+    ac = _ac(pack)
+    control, src, tar = _p2p_node(pack, loaded, local_blend=False)
+    z0, res, rec = _npi(pack, loaded, src, batch=2)
+    masa = ac.AttentionControl(masactrl=ac.MutualSelfAttention(2, 2, "source"))
+    with UNetCounter() as counter:
+        kept = _prox(pack, loaded, res, tar, quantile=1.0, attention_control=control.combine(masa))
+    assert _rel(kept, rec) < 1e-6
+    assert len(counter.batches) == 16 and counter.batches[:2] == [2, 4]   # capture + inject on every step
+    free = _prox(pack, loaded, res, tar, quantile=0.5)
+    p2p = _prox(pack, loaded, res, tar, quantile=0.5, attention_control=control)
+    masa_only = _prox(pack, loaded, res, tar, quantile=0.5, attention_control=masa)
+    assert _rel(p2p, free) > 1e-3 and _rel(masa_only, free) > 1e-3
+    with pytest.raises(Exception, match=r"^attention_control: it was built for other prompts than the 'target' input"):
+        _prox(pack, loaded, res, loaded[3], attention_control=control)
+    with pytest.raises(Exception, match=r"^attention_control: MasaCtrl start_layer 10 is past this model's 4"):
+        _prox(pack, loaded, res, tar, attention_control=ac.AttentionControl(masactrl=ac.MutualSelfAttention()))
+
+
+def test_local_blend_keeps_the_source_outside_the_edited_words(pack, loaded):
+    control, src, tar = _p2p_node(pack, loaded, local_blend=True, blend_start=0.0, blend_threshold=0.9999)
+    control.p2p.blend_downsample = 1   # the tiny UNet has cross-attention at full and half latent size only
+    control.p2p.blend_dilation = 0     # its 8x8 latents are too small for the 3x3 max-pool
+    z0, res, rec = _npi(pack, loaded, src)
+    with torch.inference_mode():
+        lat = _prox(pack, loaded, res, tar, quantile=0.3, attention_control=control)
+        z_src = res.z0
+        import comfy.model_management  # noqa: F401
+    ms = loaded[0].get_model_object("latent_format")
+    z_edit = ms.process_in(lat)
+    same = ((z_edit - z_src).abs() < 1e-5).float().mean()
+    # the random model's word maps are nearly flat (hence the threshold near 1): a few latent pixels
+    # change, all others keep the stored trajectory's z_0 exactly
+    assert 0.5 < float(same) < 1.0
+
+
+def _guider_sample(pack, loaded, guider, res, sigmas_from=0):
+    from comfy_extras import nodes_custom_sampler as cs
+
+    n = _nodes(pack)
+    sigmas = torch.tensor([float(s) for s in _sigmas_of(pack, loaded, res)])[sigmas_from:]
+    with torch.inference_mode():
+        noise = cs.DisableNoise().get_noise()[0]
+        sampler = cs.KSamplerSelect().get_sampler("euler")[0]
+        latent = {"samples": res.trajectory[::-1][sigmas_from].clone()}
+        latent["samples"] = _to_comfy(pack, loaded, res, sigmas_from)
+        return cs.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
+
+
+def _sigmas_of(pack, loaded, res):
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    return glue.grid_sigmas(res.grid)
+
+
+def _to_comfy(pack, loaded, res, i):
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    ab = res.grid.alphas_cumprod[i]
+    z = glue.to_comfy_latent(res.trajectory[::-1][i], ab)
+    return loaded[0].get_model_object("latent_format").process_out(z)
+
+
+def test_guider_reproduces_the_proxedit_node(pack, loaded):
+    control, src, tar = _p2p_node(pack, loaded)
+    z0, res, rec = _npi(pack, loaded, src)
+    args = dict(base="source", guidance=7.5, prox="hard", quantile=0.6, fixed_threshold=0.0, dilation=1,
+                inversion_guidance=0.5, reconstruction_guidance=0.1, t_rec=1000, source_null_mix=0.0)
+    node = _prox(pack, loaded, res, tar, attention_control=control, **args)
+    with torch.inference_mode():
+        guider = _editing(pack).ProxEditGuider.execute(loaded[0], res, tar, negative=loaded[4],
+                                                       attention_control=control, **args).args[0]
+    out = _guider_sample(pack, loaded, guider, res)
+    assert _rel(out, node) < 1e-4
+    # over an edit-friendly DDPM inversion, at quantile 1 the guider + euler reproduces the input
+    z0d, ddpm, _, _ = _invert_and_sample(pack, loaded, "DDPMInversion", 1.0, steps=8, guidance=1.0, spacing="auto", seed=2)
+    with torch.inference_mode():
+        g2 = _editing(pack).ProxEditGuider.execute(loaded[0], ddpm, tar, negative=loaded[4],
+                                                   **dict(args, quantile=1.0, inversion_guidance=0.0,
+                                                          reconstruction_guidance=0.0)).args[0]
+    assert _rel(_guider_sample(pack, loaded, g2, ddpm, sigmas_from=3), z0d) < 1e-4
+    # sigmas off the inversion's grid are a clear error
+    with torch.inference_mode(), pytest.raises(Exception, match=r"^sigmas: the sampler asked for sigma"):
+        from comfy_extras import nodes_custom_sampler as cs
+        cs.SamplerCustomAdvanced().sample(cs.DisableNoise().get_noise()[0], guider,
+                                          cs.KSamplerSelect().get_sampler("euler")[0], torch.tensor([3.0, 1.0, 0.0]),
+                                          {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_cancel_inside_an_attention_controlled_edit(pack, loaded):
+    import comfy.model_management
+
+    control, src, tar = _p2p_node(pack, loaded)
+    z0, res, rec = _npi(pack, loaded, src, steps=10)
+    with UNetCounter() as counter:
+        fired = {}
+
+        def hook(module, args, output):
+            if isinstance(module, counter.cls) and len(counter.batches) == 5 and not fired:
+                fired["at"] = len(counter.batches)
+                comfy.model_management.interrupt_current_processing(True)
+
+        h = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                _prox(pack, loaded, res, tar, attention_control=control)
+        finally:
+            h.remove()
+            comfy.model_management.interrupt_current_processing(False)
+    assert fired and len(counter.batches) - fired["at"] <= 1
