@@ -332,16 +332,20 @@ class AttentionController:
                 outs.append(self.attention(qc, kc, vc, heads))
         return torch.cat(outs)
 
-    def _blend_layer(self, n_queries: int, latent_hw) -> Optional[tuple[int, int]]:
+    def _blend_layer(self, n_queries: int, latent_hw) -> Optional[tuple[int, tuple[int, int]]]:
+        """(downsample factor, map size) of a cross-attention layer whose maps LocalBlend records."""
         if latent_hw is None or not self.blend_active():
             return None
-        f = self.p2p.blend_downsample
-        h, w = math.ceil(latent_hw[0] / f), math.ceil(latent_hw[1] / f)
-        return (h, w) if h * w == n_queries else None
+        for f in (1, 2, 4, 8, 16, 32, 64):
+            h, w = math.ceil(latent_hw[0] / f), math.ceil(latent_hw[1] / f)
+            if h * w == n_queries:
+                return f, (h, w)
+        return None
 
-    def _word_map(self, p: Tensor, weights: Tensor, hw: tuple[int, int]) -> Tensor:
+    @staticmethod
+    def _word_map(p: Tensor, weights: Tensor, layer: tuple[int, tuple[int, int]]) -> tuple[int, Tensor]:
         m = (p * weights.to(p)).sum(-1).mean(1)          # [b, N]: sum over words, mean over heads
-        return m.reshape(m.shape[0], 1, *hw)
+        return layer[0], m.reshape(m.shape[0], 1, *layer[1])
 
     def _capture(self, kind, key, layer, role, q, k, v, heads, latent_hw) -> Tensor:
         if kind == "self":
@@ -403,9 +407,15 @@ class AttentionController:
         if not self.blend_active():
             return z
         if not self.blend.src or not self.blend.tar:
-            raise RuntimeError("LocalBlend: no cross-attention maps at 1/%d of the latent size were seen; this "
-                               "model has no such layer" % self.p2p.blend_downsample)
-        src = torch.stack(self.blend.src).mean(0)
-        tar = torch.stack(self.blend.tar).mean(0)
+            raise RuntimeError("LocalBlend: no cross-attention maps were seen in this step")
+        # the maps of the layers nearest to 1/blend_downsample of the latent (P2P: the 16x16 maps of
+        # a 64x64 latent), averaged over those layers
+        factors = sorted({f for f, _ in self.blend.src} & {f for f, _ in self.blend.tar},
+                         key=lambda f: (abs(math.log(f / self.p2p.blend_downsample)), -f))
+        if not factors:
+            raise RuntimeError("LocalBlend: the source and target branches shared no cross-attention resolution")
+        f = factors[0]
+        src = torch.stack([m for g, m in self.blend.src if g == f]).mean(0)
+        tar = torch.stack([m for g, m in self.blend.tar if g == f]).mean(0)
         m = local_blend_mask(src, tar, tuple(z.shape[-2:]), self.p2p.blend_threshold, self.p2p.blend_dilation)
         return z_src + m.to(z) * (z - z_src)

@@ -143,4 +143,8 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
             inputs["iterations"] = steps
         if steps is not None and "skip_steps" in inputs:
             inputs["skip_steps"] = min(inputs["skip_steps"], steps // 3)
+        if node["class_type"] == "InverseMasaCtrl":  # the tiny UNet has 4 attention layers
+            inputs["start_layer"] = min(inputs["start_layer"], 2)
+            if steps is not None:
+                inputs["start_step"] = min(inputs["start_step"], steps // 3)
     return prompt

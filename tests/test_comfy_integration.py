@@ -879,7 +879,6 @@ def test_proxedit_with_attention_control_keeps_exact_reconstruction_and_edits(pa
 
 def test_local_blend_keeps_the_source_outside_the_edited_words(pack, loaded):
     control, src, tar = _p2p_node(pack, loaded, local_blend=True, blend_start=0.0, blend_threshold=0.9999)
-    control.p2p.blend_downsample = 1   # the tiny UNet has cross-attention at full and half latent size only
     control.p2p.blend_dilation = 0     # its 8x8 latents are too small for the 3x3 max-pool
     z0, res, rec = _npi(pack, loaded, src)
     with torch.inference_mode():
