@@ -5,7 +5,9 @@
 
 Prints, for a negative-prompt inversion edited toward another prompt:
 - UNet calls, batch elements and seconds of a ProxEdit run against a plain CFG sampling run of the
-  same steps (goal: at most 1.1x, since both evaluate two branches per step);
+  same steps (goal: at most 1.1x, since both evaluate two branches per step); the same for ProxEdit
+  with prompt-to-prompt (word swap, LocalBlend), with MasaCtrl (the tiny UNet's layers 2-3 from
+  step 4), and for the ProxEdit GUIDER under SamplerCustomAdvanced (euler);
 - the distance of the quantile-1 edit to the inversion's reconstruction (the method's defining
   property: exactly 0);
 - the share of latent elements changed by more than 5% of the reconstruction's standard deviation,
@@ -74,13 +76,40 @@ def main(argv=None):
     rec, cost_rec = run(lambda: inv.SampleFromInversion.execute(model, src, npi, 1.0, 0).args[0]["samples"])
     _, cost_cfg = run(lambda: inv.SampleFromInversion.execute(model, tar, npi, 7.5, 0, negative=neg).args[0]["samples"])
     _, cost_prox = run(lambda: prox(0.7, ig=0.5, rg=0.1))
+    with torch.inference_mode():
+        p2p = ed.PromptToPrompt.execute(clip, "a photograph of an astronaut", "a photograph of a robot", "replace", 0.8,
+                                        0.5, "", True, "", 0.3, 0.2).args[0]
+        masa = ed.MasaCtrl.execute(4, 2, "source", "none").args[0]
+    prox_args = dict(base="source", guidance=7.5, prox="hard", quantile=0.7, fixed_threshold=0.0, dilation=1,
+                     inversion_guidance=0.5, reconstruction_guidance=0.1, t_rec=400, source_null_mix=0.0)
+    controlled = {}
+    for name, control in (("proxedit_p2p", p2p), ("proxedit_masactrl", masa)):
+        _, controlled[name] = run(lambda: ed.ProxEdit.execute(model, npi, tar, skip_steps=0, negative=neg,
+                                                              attention_control=control, **prox_args))
+
+    with torch.inference_mode():
+        sig = inv.NegativePromptInversion.execute(model, src, steps, "auto", latent=lat).args
+    from comfy_extras import nodes_custom_sampler as cs
+
+    def guided_only():
+        guider = ed.ProxEditGuider.execute(model, npi, tar, negative=neg, attention_control=p2p, **prox_args).args[0]
+        return cs.SamplerCustomAdvanced().sample(cs.DisableNoise().get_noise()[0], guider,
+                                                 cs.KSamplerSelect().get_sampler("euler")[0], sig[2], sig[1])
+
+    _, controlled["guider_p2p_euler"] = run(guided_only)
     h.remove()
-    results["cost"] = {"cfg": cost_cfg, "proxedit": cost_prox,
+    results["cost"] = {"cfg": cost_cfg, "proxedit": cost_prox, **controlled,
                        "ratio_batch_elements": round(cost_prox["batch_elements"] / cost_cfg["batch_elements"], 3),
                        "ratio_seconds": round(cost_prox["seconds"] / cost_cfg["seconds"], 3)}
+    for name, c in controlled.items():
+        results["cost"][f"ratio_batch_elements_{name}"] = round(c["batch_elements"] / cost_cfg["batch_elements"], 3)
+        results["cost"][f"ratio_seconds_{name}"] = round(c["seconds"] / cost_cfg["seconds"], 3)
     print(f"CFG run: {cost_cfg}\nProxEdit (NPI, hard, q 0.7, inversion+reconstruction guidance): {cost_prox}\n"
           f"ratio (batch elements): {results['cost']['ratio_batch_elements']}, ratio (seconds, noisy): "
           f"{results['cost']['ratio_seconds']}", flush=True)
+    for name, c in controlled.items():
+        print(f"{name}: {c}; ratio to CFG (batch elements) {results['cost'][f'ratio_batch_elements_{name}']}, "
+              f"(seconds) {results['cost'][f'ratio_seconds_{name}']}", flush=True)
     with torch.inference_mode():
         exact = {k: float((prox(1.0, k) - rec).abs().max()) for k in ("hard", "soft")}
     results["quantile_1_max_abs_diff_to_reconstruction"] = exact

@@ -965,3 +965,34 @@ def test_cancel_inside_an_attention_controlled_edit(pack, loaded):
             h.remove()
             comfy.model_management.interrupt_current_processing(False)
     assert fired and len(counter.batches) - fired["at"] <= 1
+
+
+def test_few_step_lcm_and_50_step_edits_with_attention_control(pack, loaded):
+    """The same controls work on a 4-step LCM model and a 50-step model, with a batch of 2: the
+    schedules are fractions of the steps, and at quantile 1 the edit is still the reconstruction."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    ac = _ac(pack)
+    control, src, tar = _p2p_node(pack, loaded, local_blend=True, blend_threshold=0.9999)
+    control = control.combine(ac.AttentionControl(masactrl=ac.MutualSelfAttention(1, 2)))
+    n = _nodes(pack)
+    lat = _encode(loaded, batch=2)
+    with torch.inference_mode():
+        lcm = ModelSamplingDiscrete().patch(loaded[0], "lcm", False)[0]
+    for model, steps in ((lcm, 4), (loaded[0], 50)):
+        with torch.inference_mode():
+            res = n.NegativePromptInversion.execute(model, src, steps, "auto", latent=lat).args[0]
+            rec = n.SampleFromInversion.execute(model, src, res, 1.0, 0).args[0]["samples"]
+            ed = _editing(pack)
+            args = dict(base="source", guidance=7.5, prox="hard", fixed_threshold=0.0, dilation=1, inversion_guidance=0.0,
+                        reconstruction_guidance=0.0, t_rec=400, source_null_mix=0.0, skip_steps=0)
+            p2p_only = ac.AttentionControl(p2p=control.p2p, source_context=control.source_context,
+                                           target_context=control.target_context)
+            kept = ed.ProxEdit.execute(model, res, tar, quantile=1.0, attention_control=p2p_only, **args).args[0]["samples"]
+            edit = ed.ProxEdit.execute(model, res, tar, quantile=0.6, attention_control=control, **args).args[0]["samples"]
+        assert res.grid.steps == steps and edit.shape == rec.shape == (2, 4, 8, 8)
+        assert torch.isfinite(edit).all() and _rel(edit, rec) > 1e-3
+        # at quantile 1 only LocalBlend moves the reconstruction: outside its mask the last step keeps
+        # the stored z_0 (the input latent) exactly
+        outside = float(((kept - lat["samples"]).abs() < 1e-4 * rec.abs().max()).float().mean())
+        assert 0.5 < outside < 1.0
