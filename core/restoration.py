@@ -126,3 +126,104 @@ def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: 
         if callback is not None:
             callback(i, grid.steps, z)
     return z, residuals
+
+
+# ----------------------------------------------------------------------------------------------
+# P2L (Chung et al., ../shared/papers/p2l-prompt-tuning-inverse.txt; the algorithm restored in NOTES.md)
+
+def conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor, iters: int = 10,
+                       tol: float = 1e-10, callback: Optional[Callable[[], None]] = None) -> Tensor:
+    """Conjugate gradients for apply(x) = b with a symmetric positive-definite ``apply`` (float32;
+    the whole tensor is one vector). Stops after ``iters`` iterations or when ||r||^2 < tol ||b||^2."""
+    x = x0.clone()
+    r = b - apply(x)
+    p = r.clone()
+    rs = (r * r).sum()
+    stop = tol * float((b * b).sum())
+    for _ in range(iters):
+        if float(rs) <= stop:
+            break
+        if callback is not None:
+            callback()
+        ap = apply(p)
+        alpha = rs / (p * ap).sum().clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum()
+        p = r + (rs_new / rs.clamp_min(1e-30)) * p
+        rs = rs_new
+    return x
+
+
+def project_to_measurements(op: Operator, y: Tensor, x_ref: Tensor, lam: float, iters: int = 10,
+                            callback: Optional[Callable[[], None]] = None) -> Tensor:
+    """P2L's proximal projection (NOTES.md P2L step 4): argmin_x ||y - A x||^2 + lam ||x - x_ref||^2,
+    i.e. (A^T A + lam I) x = A^T y + lam x_ref, by conjugate gradients warm-started at x_ref."""
+    if lam <= 0:
+        raise ValueError("the projection's lambda must be positive")
+    b = op.At(y, x_ref) + lam * x_ref
+    return conjugate_gradient(lambda v: op.At(op.A(v), x_ref) + lam * v, b, x_ref, iters, callback=callback)
+
+
+def p2l(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: Callable[[Tensor], Tensor],
+        op: Operator, y: Tensor, grid: TimestepGrid, make_cond: Callable[[Tensor], Any], embedding: Tensor,
+        z_T: Tensor, rho: float = 1.0, eta: float = 0.0, prompt_steps: int = 1, prompt_lr: float = 1e-3,
+        project_every: int = 4, cg_iters: int = 10, cg_lambda: float = 1e-2,
+        generator: Optional[torch.Generator] = None, callback: StepCallback = None,
+        grad_context: Callable[[], ContextManager] = torch.enable_grad,
+        ) -> tuple[Tensor, list[float], Tensor, list[float]]:
+    """P2L: posterior sampling with per-step prompt tuning and projection onto the encoder range.
+
+    Per reverse step (NOTES.md P2L steps 1-4): (1) ``prompt_steps`` Adam steps (one optimiser for the
+    whole run, so its moments carry over) on the text embedding C, handed to the predictor as
+    ``make_cond(C)``, minimising ||y - A D(x0_hat(z_t, C))||^2; (2) eps and x0_hat again with the
+    tuned C; (3) the DDIM (eta = 0) or DDPM step, then the LDPS data-consistency step
+    z_{t-1} -= rho grad_{z_t} ||y - A D(x0_hat)||; (4) every ``project_every`` steps, x_hat =
+    argmin ||y - A x||^2 + cg_lambda ||x - D(x0_hat)||^2 by conjugate gradients, x0_hat <- E(x_hat),
+    re-noised to z_{t-1} with the same eps. Returns the final latent, the residual per step, the
+    tuned embedding and the prompt loss before and after tuning at every step
+    (``prompt_loss[2 i]``, ``prompt_loss[2 i + 1]``).
+    """
+    ts, ab = grid.timesteps, grid.alphas_cumprod
+    z = z_T.detach().float()
+    C = embedding.detach().float().clone()
+    residuals: list[float] = []
+    prompt_loss: list[float] = []
+    with grad_context():
+        C.requires_grad_(True)
+        opt = torch.optim.Adam([C], lr=prompt_lr)
+    for i in range(grid.steps):
+        a, a_next = ab[i], ab[i + 1]
+        with grad_context():
+            zc = z.detach()
+            for k in range(prompt_steps):                                        # (1) prompt tuning
+                eps = predictor(zc, ts[i], [make_cond(C)])[0].float()
+                loss = (y - op.A(decode(predicted_x0(zc, eps, a)))).pow(2).sum()
+                if k == 0:
+                    prompt_loss.append(float(loss.detach()))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            zz = z.detach().clone().requires_grad_(True)                         # (2) with the tuned C
+            eps = predictor(zz, ts[i], [make_cond(C.detach())])[0].float()
+            x0 = predicted_x0(zz, eps, a)
+            r = (y - op.A(decode(x0))).reshape(y.shape[0], -1).norm(dim=1)
+            (grad,) = torch.autograd.grad(rho * r.sum(), zz)
+        residuals.append(float(r.detach().mean()))
+        if prompt_steps > 0:
+            prompt_loss.append(float(r.detach().pow(2).sum()))
+        eps, x0 = eps.detach(), x0.detach()
+        mean, sigma = ddpm_posterior(z, eps, a, a_next, eta)                    # (3) step + LDPS
+        z_next = mean
+        if sigma > 0:
+            z_next = z_next + sigma * torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        z_next = z_next - grad.detach()
+        if project_every > 0 and (i + 1) % project_every == 0 and i + 1 < grid.steps:   # (4) projection
+            with torch.no_grad():
+                x_hat = project_to_measurements(op, y, decode(x0), cg_lambda, cg_iters)
+                x0_new = encode(x_hat).float()
+                z_next = math.sqrt(a_next) * x0_new + math.sqrt(1.0 - a_next) * eps
+        z = z_next.detach()
+        if callback is not None:
+            callback(i, grid.steps, z)
+    return z, residuals, C.detach(), prompt_loss

@@ -72,3 +72,46 @@ def test_stsl_lands_closer_to_the_posterior_mean_than_ldps():
     zl, _ = rs.ldps(model, ident, op, y, grid, "c", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
                     zeta=3.0)
     assert ddim.reconstruction_rmse(z, post) < 0.5 * ddim.reconstruction_rmse(zl, post)
+
+
+def test_conjugate_gradient_solves_spd_systems():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+    x = rs.conjugate_gradient(lambda v: a @ v, b, torch.zeros(30, dtype=torch.float64), iters=60)
+    assert float((x - torch.linalg.solve(a, b)).norm() / torch.linalg.solve(a, b).norm()) < 1e-6
+
+
+@pytest.mark.parametrize("op_name", ["inpaint", "sr"])
+def test_projection_is_the_proximal_solution(op_name):
+    model, op, y, grid, mean = _problem(op_name)
+    x_ref = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    lam = 0.3
+    x = rs.project_to_measurements(op, y, x_ref, lam, iters=30)
+    if op_name == "inpaint":  # elementwise closed form (M y + lam x_ref) / (M + lam)
+        m = op.mask.expand_as(x_ref)
+        want = (m * op.At(y, x_ref) + lam * x_ref) / (m + lam)
+        assert float((x - want).abs().max()) < 1e-5
+    # the optimality condition A^T (A x - y) + lam (x - x_ref) = 0
+    grad = op.At(op.A(x) - y, x_ref) + lam * (x - x_ref)
+    assert float(grad.norm()) < 1e-4 * float(op.At(y, x_ref).norm())
+
+
+def test_p2l_tunes_the_embedding_and_lowers_the_data_loss():
+    """The prompt is the analogue of a prior mean here: the reference denoiser's prior is N(C, 0.7^2),
+    so tuning C moves the predicted x0 toward the measurements."""
+    model, op, y, grid, mean = _problem("sr")
+    ident = lambda v: v  # noqa: E731
+    C0 = torch.zeros_like(mean).float()
+    make = lambda C: MixturePrior.gaussian(C, 0.7)  # noqa: E731
+    model.calls = 0
+    zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    z, res, C, losses = rs.p2l(model, ident, ident, op, y, grid, make, C0, zT, rho=1.0, prompt_steps=2,
+                               prompt_lr=0.05, project_every=4, cg_lambda=0.1)
+    assert model.calls == 50 * 3 and len(res) == 50
+    assert float((C - C0).abs().max()) > 1e-2                         # the embedding changed
+    before, after = losses[0::2], losses[1::2]
+    assert sum(a < b for a, b in zip(after, before)) >= 0.9 * len(before)   # tuning lowers the data loss
+    unguided = ddim.ddim_sample(model, zT, grid, make(C0))[-1]
+    assert _residual(op, y, z) < 0.25 * _residual(op, y, unguided)
