@@ -42,6 +42,10 @@ class Operator:
     def measure(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         return self.noise(self.A(x), generator)
 
+    def x_shape(self, y_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the images x whose measurements have shape ``y_shape``."""
+        return tuple(y_shape)
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.A(x)
 
@@ -71,6 +75,11 @@ class Compose(Operator):
     def noise(self, y, generator=None):
         return self.ops[-1].noise(y, generator) if self.ops else y
 
+    def x_shape(self, y_shape):
+        for o in reversed(self.ops):
+            y_shape = o.x_shape(y_shape)
+        return tuple(y_shape)
+
 
 class GaussianNoise(Operator):
     """Denoising: A = I with additive Gaussian noise sigma_y (0.01 or 0.05 in [-1, 1] units)."""
@@ -96,6 +105,14 @@ class SaltPepper(Operator):
         return torch.where(hit.expand_as(y), val.to(y.dtype), y)
 
 
+def _autograd_usable(t: Tensor) -> Tensor:
+    """A tensor created under torch.inference_mode (as ComfyUI runs nodes) cannot be saved for
+    backward; outside inference mode return an ordinary clone with the same values."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
+
+
 def _check_divisible(x: Tensor, factor: int, what: str) -> None:
     H, W = x.shape[-2:]
     if H % factor or W % factor:
@@ -108,6 +125,9 @@ class AvgPoolSR(Operator):
 
     def __init__(self, factor: int = 4, sigma_y: float = 0.05):
         self.name, self.factor, self.sigma_y = f"sr_avgpool_x{factor}", int(factor), float(sigma_y)
+
+    def x_shape(self, y_shape):
+        return (*y_shape[:-2], y_shape[-2] * self.factor, y_shape[-1] * self.factor)
 
     def A(self, x):
         _check_divisible(x, self.factor, "image")
@@ -124,6 +144,9 @@ class BicubicSR(Operator):
     def __init__(self, factor: int = 4, sigma_y: float = 0.05):
         self.name, self.factor, self.sigma_y = f"sr_bicubic_x{factor}", int(factor), float(sigma_y)
 
+    def x_shape(self, y_shape):
+        return (*y_shape[:-2], y_shape[-2] * self.factor, y_shape[-1] * self.factor)
+
     def A(self, x):
         _check_divisible(x, self.factor, "image")
         H, W = x.shape[-2:]
@@ -131,7 +154,7 @@ class BicubicSR(Operator):
                              antialias=True)
 
     def At(self, y, like):
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             x = torch.zeros(like.shape, dtype=y.dtype, device=y.device, requires_grad=True)
             (g,) = torch.autograd.grad(self.A(x), x, grad_outputs=y)
         return g
@@ -149,6 +172,7 @@ class Blur(Operator):
 
     def _w(self, x):
         C = x.shape[1]
+        self.kernel = _autograd_usable(self.kernel)
         return self.kernel.to(x.device, x.dtype)[None, None].expand(C, 1, *self.kernel.shape)
 
     def A(self, x):
@@ -213,6 +237,7 @@ class Inpaint(Operator):
         self.name, self.sigma_y = name, float(sigma_y)
 
     def _m(self, x):
+        self.mask = _autograd_usable(self.mask)
         m = self.mask.to(x.device, x.dtype)
         if m.shape[-2:] != x.shape[-2:]:
             raise OperatorError(f"mask: the mask is {m.shape[-1]}x{m.shape[-2]} but the image is "

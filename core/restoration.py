@@ -186,11 +186,10 @@ def p2l(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: C
     """
     ts, ab = grid.timesteps, grid.alphas_cumprod
     z = z_T.detach().float()
-    C = embedding.detach().float().clone()
     residuals: list[float] = []
     prompt_loss: list[float] = []
-    with grad_context():
-        C.requires_grad_(True)
+    with grad_context():  # created out of inference mode, so that autograd may track it
+        C = embedding.detach().float().clone().requires_grad_(True)
         opt = torch.optim.Adam([C], lr=prompt_lr)
     for i in range(grid.steps):
         a, a_next = ab[i], ab[i + 1]

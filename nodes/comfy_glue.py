@@ -626,3 +626,56 @@ class EditGuider(comfy.samplers.CFGGuider):
         z = x.float() / math.sqrt(1.0 + sigma * sigma)
         z_next = self.step(predictor, self._device_result, z, i)
         return ddim_x0_for(z, z_next, ab[i], ab[i + 1]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# differentiable VAE coding in the diffusion model's latent space (posterior samplers)
+
+DECODER_MEMORY = ("checkpoint", "tiled", "full")
+
+
+class LatentCodec:
+    """decode: model-space latent (after the latent format) -> image [B, 3, H, W] in [-1, 1];
+    encode: the reverse. Both differentiable inside ``autograd()``; float32 in and out, the VAE
+    runs in its own dtype. ``memory`` bounds the decoder's autograd memory (core/tiling.py):
+    "checkpoint" recomputes the decoder in the backward pass, "tiled" also decodes overlapping
+    tiles of ``tile`` latent pixels one at a time, "full" keeps every activation."""
+
+    def __init__(self, vae, model, memory: str = "checkpoint", tile: int = 64):
+        if memory not in DECODER_MEMORY:
+            raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
+        self.vae = vae
+        self.latent_format = model.get_model_object("latent_format")
+        self.memory, self.tile = memory, int(tile)
+        comfy.model_management.load_models_gpu([vae.patcher])
+        self.net = vae.first_stage_model
+        self.device, self.dtype = vae.device, vae.vae_dtype
+        self.calls = 0
+
+    def downscale(self) -> int:
+        ratio = getattr(self.vae, "downscale_ratio", 8)
+        return int(ratio) if isinstance(ratio, (int, float)) else 8
+
+    def _decode_raw(self, raw: Tensor) -> Tensor:
+        return self.net.decode(raw.to(self.device, self.dtype)).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        from ..core.tiling import decode_bounded
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.calls += 1
+        raw = self.latent_format.process_out(z.float())
+        tile = self.tile if self.memory == "tiled" else 0
+        return decode_bounded(self._decode_raw, raw, tile=tile, overlap=max(1, tile // 8),
+                              checkpoint=self.memory != "full").to(z.device)
+
+    def encode(self, x: Tensor) -> Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raw = self.net.encode(x.to(self.device, self.dtype)).float()
+        return self.latent_format.process_in(raw).to(x.device)
+
+    @contextlib.contextmanager
+    def autograd(self):
+        with torch.inference_mode(False), torch.enable_grad():
+            make_autograd_safe(self.net)
+            yield

@@ -1,10 +1,16 @@
-"""Restoration nodes: degradation operators and degrading an image (the solvers come next)."""
+"""Restoration nodes: degradation operators, degrading an image, and posterior-sampling restoration
+(LDPS, PSLD, P2L, STSL) with the user's own latent diffusion model."""
 from __future__ import annotations
+
+import contextlib
+import json
+import math
 
 import torch
 from comfy_api.latest import io
 
 from ..core import operators as ops
+from ..core import restoration as rs
 from . import comfy_glue as glue
 from .types import CATEGORY, Operator
 
@@ -121,4 +127,146 @@ class DegradeImage(io.ComfyNode):
         return io.NodeOutput(to_image(y), view.float().contiguous())
 
 
-NODES = [DegradationOperator, DegradeImage]
+METHODS = ["stsl", "ldps", "psld", "p2l"]
+
+
+class Restore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InverseRestore",
+            display_name="Restore (posterior sampling)",
+            category=f"{CATEGORY}/restoration",
+            description=("Restores a degraded photo y = A(x) + noise with your own latent diffusion checkpoint, no "
+                         "training: super-resolution, deblurring, inpainting, denoising, as described by a Degradation "
+                         "Operator. Methods: STSL (second-order Tweedie, Rout et al.: 5 Adam refinements per step, "
+                         "fewest model calls), LDPS (latent DPS), PSLD (LDPS + gluing term) and P2L (per-step prompt "
+                         "tuning + projection onto the measurements). Gradients flow through the VAE decoder; "
+                         "decoder_memory bounds their memory at 512x512 and above."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL)."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE (its decoder is differentiated)."),
+                io.Conditioning.Input("positive", tooltip="A prompt, e.g. 'a high quality photo' (P2L tunes it)."),
+                io.Image.Input("measurement", tooltip="The degraded image y (small for super-resolution)."),
+                Operator.Input("operator", tooltip="The Degradation Operator that produced y (same settings)."),
+                io.Combo.Input("method", options=METHODS, default="stsl", tooltip="The posterior sampler."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (STSL paper: 50)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the starting noise and of every random draw."),
+                io.Float.Input("step_size", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="LDPS/PSLD/P2L: data-consistency step zeta (DPS: 1.0, on the residual norm)."),
+                io.Float.Input("gluing", default=0.1, min=0.0, max=10.0, step=0.01,
+                               tooltip="PSLD: weight gamma of the gluing term (paper: 0.1)."),
+                io.Float.Input("stochasticity", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="LDPS/PSLD/P2L: DDIM eta (0 deterministic, 1 DDPM; P2L paper: 0.8)."),
+                io.Int.Input("stsl_inner_steps", default=5, min=1, max=50,
+                             tooltip="STSL: Adam updates K per step (paper: 5)."),
+                io.Float.Input("stsl_lambda", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="STSL: weight lambda of the measurement loss (paper: 1)."),
+                io.Float.Input("stsl_trace_weight", default=0.02, min=0.0, max=10.0, step=0.001,
+                               tooltip="STSL: weight eta of the Hutchinson trace term (paper: 0.02)."),
+                io.Float.Input("stsl_lr", default=0.01, min=1e-5, max=1.0, step=1e-4,
+                               tooltip="STSL: Adam learning rate, decaying by 0.998 per step (paper: 0.01)."),
+                io.Combo.Input("stsl_start", options=["measurement", "gaussian"], default="measurement",
+                               tooltip="STSL: start from E(A^T y) noised forward (paper) or from Gaussian noise "
+                                       "(the authors' advice for free-form inpainting)."),
+                io.Int.Input("p2l_prompt_steps", default=1, min=0, max=20,
+                             tooltip="P2L: Adam steps on the text embedding per sampling step (1-5)."),
+                io.Float.Input("p2l_prompt_lr", default=1e-3, min=1e-6, max=1.0, step=1e-5,
+                               tooltip="P2L: learning rate of the prompt tuning (1e-4 .. 1e-3)."),
+                io.Int.Input("p2l_project_every", default=4, min=0, max=100,
+                             tooltip="P2L: project onto the measurements every this many steps (0 = never; 3-5)."),
+                io.Int.Input("p2l_cg_iters", default=10, min=1, max=200,
+                             tooltip="P2L: conjugate-gradient iterations of the projection (10)."),
+                io.Float.Input("p2l_cg_lambda", default=0.01, min=1e-6, max=10.0, step=1e-4,
+                               tooltip="P2L: proximal weight of the projection (small: trust the measurement)."),
+                io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="checkpoint",
+                               tooltip="Autograd memory of the decoder: checkpoint (recompute in backward), tiled "
+                                       "(also decode tiles one at a time; for 1024+ px), full (fastest, most memory)."),
+                io.Int.Input("tile_size", default=64, min=16, max=256, step=8,
+                             tooltip="Tile size in latent pixels for decoder_memory 'tiled' (64 = 512 px)."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The restored image."),
+                     io.Latent.Output(display_name="latent", tooltip="Its latent."),
+                     io.String.Output(display_name="report",
+                                      tooltip="JSON: model calls, the measurement residual per step, consistency.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, positive, measurement, operator, method, steps, seed, step_size, gluing, stochasticity,
+                stsl_inner_steps, stsl_lambda, stsl_trace_weight, stsl_lr, stsl_start, p2l_prompt_steps, p2l_prompt_lr,
+                p2l_project_every, p2l_cg_iters, p2l_cg_lambda, decoder_memory, tile_size) -> io.NodeOutput:
+        glue.check_diffusion_model(model)
+        if not isinstance(operator, ops.Operator):
+            raise glue.InverseInputError("operator: connect a Degradation Operator node.")
+        if method not in METHODS:
+            raise glue.InverseInputError(f"method: choose one of {', '.join(METHODS)}.")
+        if vae is None:
+            raise glue.InverseInputError("vae: connect the checkpoint's VAE.")
+        y = to_signed(measurement)
+        B = y.shape[0]
+        glue.check_cond_batch(positive, B, "positive")
+        x_shape = operator.x_shape(tuple(y.shape))
+        like = torch.zeros(x_shape)
+        try:
+            if tuple(operator.A(like).shape) != tuple(y.shape):
+                raise glue.InverseInputError(f"measurement: its size {tuple(y.shape[-2:])} does not match the operator.")
+        except ops.OperatorError as exc:
+            raise glue.InverseInputError(str(exc)) from None
+        latent_format = model.get_model_object("latent_format")
+        codec_probe = getattr(vae, "downscale_ratio", 8)
+        f = int(codec_probe) if isinstance(codec_probe, (int, float)) else 8
+        H, W = x_shape[-2:]
+        if H % f or W % f:
+            raise glue.InverseInputError(f"measurement: the restored image would be {W}x{H}; the VAE needs multiples of "
+                                         f"{f}. Resize the input to e.g. {W - W % f}x{H - H % f} (times the SR factor).")
+        grid = glue.make_grid(model, steps)
+        gen = torch.Generator().manual_seed(int(seed))
+        z_T = torch.randn((B, latent_format.latent_channels, H // f, W // f), generator=gen)
+        progress = glue.ProgressReporter(grid.steps)
+
+        def run(pred):
+            codec = glue.LatentCodec(vae, model, decoder_memory, tile_size)
+            dev = pred.device
+            yy, lk, z0 = y.to(dev), like.to(dev), z_T.to(dev)
+
+            @contextlib.contextmanager
+            def grad_context():
+                with pred.autograd(), codec.autograd():
+                    yield
+
+            extra = {}
+            if method in ("ldps", "psld"):
+                z, res = rs.ldps(pred, codec.decode, operator, yy, grid, "positive", z0, zeta=step_size,
+                                 eta=stochasticity, gamma=gluing if method == "psld" else 0.0, encode=codec.encode,
+                                 generator=gen, callback=progress, grad_context=grad_context)
+            elif method == "stsl":
+                z_init = torch.randn(z0.shape, generator=gen).to(dev) if stsl_start == "gaussian" else None
+                z, res = rs.stsl(pred, codec.decode, codec.encode, operator, yy, grid, "positive", lk,
+                                 K=stsl_inner_steps, lam=stsl_lambda, eta=stsl_trace_weight, lr=stsl_lr,
+                                 z_init=z_init, generator=gen, callback=progress, grad_context=grad_context)
+            else:
+                emb = pred.embedding("positive").float()
+                z, res, tuned, losses = rs.p2l(pred, codec.decode, codec.encode, operator, yy, grid,
+                                               lambda C: glue.Cond("positive", context=C), emb, z0, rho=step_size,
+                                               eta=stochasticity, prompt_steps=p2l_prompt_steps,
+                                               prompt_lr=p2l_prompt_lr, project_every=p2l_project_every,
+                                               cg_iters=p2l_cg_iters, cg_lambda=p2l_cg_lambda, generator=gen,
+                                               callback=progress, grad_context=grad_context)
+                extra = {"embedding_change": float((tuned - emb.to(tuned)).norm() / emb.norm().clamp_min(1e-12)),
+                         "prompt_loss_first_step": losses[:2]}
+            with torch.no_grad():
+                x_hat = codec.decode(z)
+                r = float((yy - operator.A(x_hat)).reshape(B, -1).norm(dim=1).mean())
+            m = yy[0].numel()
+            report = {"method": method, "steps": grid.steps, "unet_calls": pred.calls,
+                      "unet_calls_with_gradients": pred.grad_calls, "decoder_calls": codec.calls,
+                      "residual": r, "consistency": (r / (operator.sigma_y * math.sqrt(m)))
+                      if operator.sigma_y > 0 else None, "residual_per_step": res, **extra}
+            return pred.process_latent_out(z).cpu(), to_image(x_hat.cpu()), report
+
+        latent, image, report = glue.run_with_predictor(model, {"positive": positive}, z_T.shape, run, seed=int(seed))
+        return io.NodeOutput(image.float().contiguous(), {"samples": latent}, json.dumps(report))
+
+
+NODES = [DegradationOperator, DegradeImage, Restore]

@@ -996,3 +996,49 @@ def test_few_step_lcm_and_50_step_edits_with_attention_control(pack, loaded):
         # the stored z_0 (the input latent) exactly
         outside = float(((kept - lat["samples"]).abs() < 1e-4 * rec.abs().max()).float().mean())
         assert 0.5 < outside < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# restoration through ComfyUI (issue 6)
+
+def _restore_args(**kw):
+    args = dict(method="stsl", steps=4, seed=0, step_size=1.0, gluing=0.1, stochasticity=0.0, stsl_inner_steps=2,
+                stsl_lambda=1.0, stsl_trace_weight=0.02, stsl_lr=0.05, stsl_start="measurement", p2l_prompt_steps=1,
+                p2l_prompt_lr=1e-2, p2l_project_every=2, p2l_cg_iters=10, p2l_cg_lambda=0.01,
+                decoder_memory="checkpoint", tile_size=64)
+    args.update(kw)
+    return args
+
+
+def _operator(pack, kind="sr_avgpool", **kw):
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    base = dict(scale_factor=4, kernel_size=9, blur_sigma=3.0, motion_intensity=0.5, mask_amount=0.4, sigma_y=0.05,
+                seed=1)
+    base.update(kw)
+    with torch.inference_mode():
+        return r, r.DegradationOperator.execute(kind, **base).args[0]
+
+
+def _restore(pack, loaded, y, op, **kw):
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    with torch.inference_mode():
+        out = r.Restore.execute(loaded[0], loaded[2], loaded[3], y, op, **_restore_args(**kw)).args
+    return out[0], out[1]["samples"], json.loads(out[2])
+
+
+@pytest.mark.parametrize("kind", ["sr_avgpool", "gaussian_blur", "inpaint_box"])
+def test_restore_methods_lower_the_measurement_residual(pack, loaded, kind):
+    r, op = _operator(pack, kind)
+    clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        y = r.DegradeImage.execute(clean, op, 0).args[0]
+    _, _, unguided = _restore(pack, loaded, y, op, method="ldps", step_size=0.0)
+    # P2L without its projection here: the random VAE's encoder is no inverse of its decoder (the
+    # projection is tested on the reference in test_core_restoration.py)
+    for method, kw in (("ldps", {"step_size": 3.0}), ("psld", {"step_size": 3.0}), ("stsl", {}),
+                       ("p2l", {"step_size": 3.0, "p2l_project_every": 0})):
+        image, latent, rep = _restore(pack, loaded, y, op, method=method, **kw)
+        assert image.shape == clean.shape and latent.shape == (1, 4, 8, 8)
+        assert rep["residual"] < unguided["residual"], (kind, method, rep["residual"], unguided["residual"])
+        calls = {"ldps": 4, "psld": 4, "stsl": 4 * 3, "p2l": 4 * 2}[method]
+        assert rep["unet_calls"] == calls, (method, rep["unet_calls"])
