@@ -1042,3 +1042,59 @@ def test_restore_methods_lower_the_measurement_residual(pack, loaded, kind):
         assert rep["residual"] < unguided["residual"], (kind, method, rep["residual"], unguided["residual"])
         calls = {"ldps": 4, "psld": 4, "stsl": 4 * 3, "p2l": 4 * 2}[method]
         assert rep["unet_calls"] == calls, (method, rep["unet_calls"])
+
+
+def test_restore_p2l_tunes_the_prompt_and_decoder_memory_modes_agree(pack, loaded):
+    r, op = _operator(pack, "sr_avgpool")
+    y = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(6))
+    _, _, rep = _restore(pack, loaded, y, op, method="p2l", p2l_prompt_steps=2, p2l_prompt_lr=0.05)
+    assert rep["embedding_change"] > 1e-4
+    before, after = rep["prompt_loss_first_step"]
+    assert after < before
+    imgs = {m: _restore(pack, loaded, y, op, method="ldps", steps=3, decoder_memory=m, tile_size=16)[0]
+            for m in ("full", "checkpoint", "tiled")}
+    assert _rel(imgs["checkpoint"], imgs["full"]) < 1e-5
+    assert _rel(imgs["tiled"], imgs["full"]) < 1e-5   # the 8x8 latent fits in one 16-pixel tile
+
+
+def test_restore_bad_inputs_get_clear_errors(pack, loaded):
+    r, op = _operator(pack, "sr_avgpool")
+    with pytest.raises(Exception, match=r"^measurement: the restored image would be 68x68; the VAE needs multiples of 8"):
+        _restore(pack, loaded, torch.rand(1, 17, 17, 3), op)
+    with torch.inference_mode():
+        r2 = importlib.import_module(pack.__name__ + ".nodes.restoration")
+        masked = r2.DegradationOperator.execute("inpaint_mask", 4, 9, 3.0, 0.5, 0.4, 0.0, 1,
+                                                mask=torch.ones(10, 10)).args[0]
+    with pytest.raises(Exception, match=r"^mask: the mask is 10x10 but the image is 64x64"):
+        _restore(pack, loaded, torch.rand(1, 64, 64, 3), masked)
+    with pytest.raises(Exception, match=r"^operator: connect a Degradation Operator"):
+        _restore(pack, loaded, torch.rand(1, 64, 64, 3), "not an operator")
+    with pytest.raises(Exception, match=r"^positive: the conditioning has a batch of 2"):
+        two = [[torch.cat([loaded[3][0][0]] * 2), dict(loaded[3][0][1])]]
+        rr = importlib.import_module(pack.__name__ + ".nodes.restoration")
+        with torch.inference_mode():
+            rr.Restore.execute(loaded[0], loaded[2], two, torch.rand(3, 16, 16, 3), op, **_restore_args())
+
+
+@pytest.mark.parametrize("method", ["stsl", "p2l"])
+def test_cancel_inside_the_restoration_inner_loops(pack, loaded, method):
+    import comfy.model_management
+
+    r, op = _operator(pack, "gaussian_blur")
+    y = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    with UNetCounter() as counter:
+        fired = {}
+
+        def hook(module, args, output):   # the 2nd model call of the 2nd step's inner loop
+            if isinstance(module, counter.cls) and len(counter.batches) == 5 and not fired:
+                fired["at"] = len(counter.batches)
+                comfy.model_management.interrupt_current_processing(True)
+
+        h = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                _restore(pack, loaded, y, op, method=method, stsl_inner_steps=3, p2l_prompt_steps=3)
+        finally:
+            h.remove()
+            comfy.model_management.interrupt_current_processing(False)
+    assert fired and len(counter.batches) - fired["at"] <= 1
