@@ -81,7 +81,9 @@ def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: 
     """STSL (Rout et al., ../shared/papers/stsl-second-order-tweedie.txt, Algorithm 1).
 
     Lines 1-4: forward-latent initialisation from E(A^T y) (or ``z_init``, e.g. Gaussian noise for
-    free-form inpainting), noised to the first level with the forward kernel. Lines 6-12: per reverse step, K Adam updates of z_t on the surrogate loss
+    free-form inpainting), noised to the first level with the forward kernel. A^T y is taken as the
+    regularised back-projection :func:`back_project` (for inpainting exactly A^T y; for average-pool
+    SR the upsampled image rather than the true adjoint's 1/f^2-darkened one). Lines 6-12: per reverse step, K Adam updates of z_t on the surrogate loss
     lambda ||y - A D(x0_hat(z_t))||^2 + (eta / d) eps^T (s(z_t + eps) - s(z_t)) (the Hutchinson
     estimate of the score Jacobian's trace; s = -eps_theta / sqrt(1 - abar); z_t and z_t + eps go
     through the predictor in one call), learning rate ``lr`` decaying by ``lr_decay`` per step.
@@ -90,7 +92,7 @@ def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: 
     """
     ts, ab = grid.timesteps, grid.alphas_cumprod
     with torch.no_grad():
-        z = (encode(op.At(y, like)) if z_init is None else z_init).float()
+        z = (encode(back_project(op, y, like)) if z_init is None else z_init).float()
         # lines 1-4 through the Gaussian transition kernel of the forward process (the text's
         # "forward process in Eq. (1) using the Gaussian transition kernel"): composed over the grid it
         # is z_T = sqrt(abar_T) z_0 + sqrt(1 - abar_T) n. (Line 3 read literally, with the model's
@@ -163,6 +165,12 @@ def project_to_measurements(op: Operator, y: Tensor, x_ref: Tensor, lam: float, 
         raise ValueError("the projection's lambda must be positive")
     b = op.At(y, x_ref) + lam * x_ref
     return conjugate_gradient(lambda v: op.At(op.A(v), x_ref) + lam * v, b, x_ref, iters, callback=callback)
+
+
+def back_project(op: Operator, y: Tensor, like: Tensor, lam: float = 1e-2, iters: int = 20) -> Tensor:
+    """argmin_x ||y - A x||^2 + lam ||x||^2 (conjugate gradients from 0): an image in the range of
+    A^T whose measurement matches y, the back-projection used to initialise STSL."""
+    return project_to_measurements(op, y, torch.zeros(like.shape, dtype=y.dtype, device=y.device), lam, iters)
 
 
 def p2l(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: Callable[[Tensor], Tensor],

@@ -1,0 +1,309 @@
+"""Restoration benchmark: LDPS, PSLD, P2L and STSL on three protocols.
+
+    python bench/restoration.py            # full (about 15 minutes on 2 CPU cores)
+    python bench/restoration.py --quick    # under a minute
+
+(c) closed form: a Gaussian latent prior N(m, s^2 I) with an identity decoder and a linear operator
+    (random inpainting, x4 average-pool SR, Gaussian blur): the exact posterior mean is known (a
+    conjugate-gradient solve of (A^T A / sy^2 + I / s^2) x = A^T y / sy^2 + m / s^2). Reports each
+    method's distance to it (single samples and the average over seeds), LDPS at the same number
+    of model calls as STSL, and how many calls PSLD and P2L need to reach STSL's consistency.
+(b) real photos: scikit-image photos through the trained TAEF2 autoencoder (32-channel latents),
+    with an analytic Gaussian latent prior fitted to the TAEF2 latents of *other* photos (whose exact
+    denoiser is known): PSNR against the clean photo for x4 SR, Gaussian and motion deblurring
+    (61x61) and box inpainting.
+(a) plumbing: the Restore node through the real ComfyUI glue with the tiny random-weight SD1.5
+    checkpoint: cost and consistency (its images mean nothing).
+
+For every run: measurement consistency ||y - A(x_hat)|| / (sigma_y sqrt(m)) (1 = the noise level),
+PSNR, model calls, seconds and peak memory (RSS growth sampled every 5 ms; CUDA peak when on a
+GPU). Last line: one JSON object with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _pack():
+    import conftest  # noqa: F401  (registers the pack as comfyui_inverse)
+    del conftest
+    from comfyui_inverse.core import operators as ops, restoration as rs, schedule
+    from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
+    return ops, rs, schedule, GaussianMixtureDenoiser, MixturePrior
+
+
+class Peak:
+    """Peak resident-memory growth (MB) while the block runs (CUDA: peak allocated)."""
+
+    def __enter__(self):
+        self.base = self._rss()
+        self.peak = self.base
+        self.stop = False
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.t = threading.Thread(target=self._poll, daemon=True)
+        self.t.start()
+        return self
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def _poll(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.t.join()
+        self.mb = round(self.peak - self.base, 1)
+        if torch.cuda.is_available():
+            self.mb = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+
+
+class Counting:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, z, t, conds):
+        self.calls += 1
+        return self.inner(z, t, conds)
+
+
+def consistency(op, y, x) -> float:
+    r = float((y - op.A(x)).reshape(y.shape[0], -1).norm(dim=1).mean())
+    return r / (op.sigma_y * math.sqrt(y[0].numel()))
+
+
+def psnr(x, clean) -> float:  # images in [-1, 1]
+    mse = float(((x.clamp(-1, 1) - clean) / 2).pow(2).mean())
+    return round(10 * math.log10(1.0 / max(mse, 1e-12)), 2)
+
+
+def run(method, model, decode, encode, op, y, grid, like, seed, mean=None, std=None, **kw):
+    """One posterior sample; returns (latent, stats)."""
+    ops, rs, schedule, GMD, MP = _pack()
+    g = torch.Generator().manual_seed(seed)
+    zT = torch.randn(like_latent_shape(like, encode), generator=g)
+    pred = Counting(model)
+    t0 = time.perf_counter()
+    with Peak() as peak:
+        if method in ("ldps", "psld"):
+            z, _ = rs.ldps(pred, decode, op, y, grid, "c", zT, zeta=kw.get("zeta", 1.0),
+                           gamma=0.1 if method == "psld" else 0.0, encode=encode, generator=g)
+        elif method == "stsl":
+            z, _ = rs.stsl(pred, decode, encode, op, y, grid, "c", like, lr=kw.get("lr", 0.01), generator=g)
+        elif method == "p2l":
+            z, _, _, _ = rs.p2l(pred, decode, encode, op, y, grid, lambda C: MP.gaussian(C, std), mean.float(), zT,
+                                rho=kw.get("zeta", 1.0), prompt_steps=1, prompt_lr=1e-2, project_every=4,
+                                cg_lambda=0.01, generator=g)
+        else:
+            raise ValueError(method)
+    return z, {"model_calls": pred.calls, "seconds": round(time.perf_counter() - t0, 2), "peak_mb": peak.mb}
+
+
+_SHAPES = {}
+
+
+def like_latent_shape(like, encode):
+    key = (tuple(like.shape), id(encode))
+    if key not in _SHAPES:
+        with torch.no_grad():
+            _SHAPES[key] = tuple(encode(like).shape)
+    return _SHAPES[key]
+
+
+def grid_for(steps):
+    ops, rs, schedule, GMD, MP = _pack()
+    ac = schedule.scaled_linear_alphas_cumprod()
+    return ac, schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(steps, steps_offset=1))
+
+
+def calls_to_reach(target, curve):
+    """Fewest calls in ``curve`` [(calls, consistency)] whose consistency is at most ``target``."""
+    ok = [c for c, v in curve if v <= target]
+    return min(ok) if ok else None
+
+
+# ------------------------------------------------------------------------------------------------
+def protocol_c(quick: bool) -> dict:
+    ops, rs, schedule, GMD, MP = _pack()
+    steps = 20 if quick else 50
+    seeds = [0] if quick else [0, 1, 2]
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 4, 16, 16)
+    mean = torch.randn(shape[1:], generator=g, dtype=torch.float64) * 0.5
+    s, sy = 0.7, 0.05
+    x_true = (mean[None] + s * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    ac, grid = grid_for(steps)
+    model = GMD({"c": MP.gaussian(mean, s)}, ac)
+    ident = lambda v: v  # noqa: E731
+    operators = {"inpaint_random_50": ops.Inpaint(ops.random_mask(16, 16, 0.5, seed=1), sigma_y=sy),
+                 "sr_avgpool_x4": ops.AvgPoolSR(4, sy),
+                 "gaussian_blur_9": ops.Blur(ops.gaussian_kernel(9, 2.0), "gaussian_blur", sy)}
+    out = {}
+    for name, op in operators.items():
+        y = op.measure(x_true, torch.Generator().manual_seed(7))
+        m = mean[None].float()
+        post = rs.conjugate_gradient(lambda v: op.At(op.A(v), m) / sy ** 2 + v / s ** 2,
+                                     op.At(y, m) / sy ** 2 + m / s ** 2, m, iters=500, tol=1e-14)
+        res = {}
+        for method in ("ldps", "psld", "p2l", "stsl"):
+            zs, stats = [], None
+            for sd in seeds:
+                z, st = run(method, model, ident, ident, op, y, grid, x_true, 100 + sd, mean=mean, std=s)
+                zs.append(z)
+                stats = st
+            avg = torch.stack(zs).mean(0)
+            res[method] = {"rmse_to_posterior_mean": round(sum(float((z - post).pow(2).mean().sqrt()) for z in zs) / len(zs), 4),
+                           "rmse_of_seed_average": round(float((avg - post).pow(2).mean().sqrt()), 4),
+                           "consistency": round(sum(consistency(op, y, z) for z in zs) / len(zs), 3), **stats}
+        # LDPS with as many model calls as STSL
+        eq_steps = res["stsl"]["model_calls"]
+        _, grid_eq = grid_for(eq_steps)
+        zs = [run("ldps", model, ident, ident, op, y, grid_eq, x_true, 100 + sd)[0] for sd in seeds]
+        res["ldps_equal_calls"] = {"steps": eq_steps, "model_calls": eq_steps,
+                                   "rmse_to_posterior_mean": round(sum(float((z - post).pow(2).mean().sqrt()) for z in zs) / len(zs), 4),
+                                   "consistency": round(sum(consistency(op, y, z) for z in zs) / len(zs), 3)}
+        # calls PSLD and P2L need to reach STSL's consistency
+        for method in ("psld", "p2l"):
+            curve = []
+            for st in ((25, 50, 100) if quick else (25, 50, 100, 200, 400)):
+                _, gr = grid_for(st)
+                z, stt = run(method, model, ident, ident, op, y, gr, x_true, 100, mean=mean, std=s)
+                curve.append((stt["model_calls"], round(consistency(op, y, z), 3)))
+            need = calls_to_reach(res["stsl"]["consistency"], curve)
+            res[f"{method}_calls_vs_consistency"] = curve
+            res[f"{method}_calls_to_reach_stsl_over_stsl_calls"] = (round(need / res["stsl"]["model_calls"], 2)
+                                                                    if need else f"> {curve[-1][0] / res['stsl']['model_calls']:.2f}")
+        res["posterior_mean_consistency"] = round(consistency(op, y, post), 3)
+        out[name] = res
+        print(f"(c) {name}: " + json.dumps(res), flush=True)
+    return out
+
+
+def protocol_b(quick: bool) -> dict:
+    import taef2
+
+    ops, rs, schedule, GMD, MP = _pack()
+    if not taef2.available():
+        return {"skipped": "TAEF2 weights not found (../shared/assets/taef2)"}
+    size = 64 if quick else 128
+    steps = 10 if quick else 50
+    enc, dec = taef2.load()
+    decode = lambda z: dec(z) * 2.0 - 1.0  # noqa: E731   (TAEF2 works on [0, 1] images)
+    encode = lambda x: enc((x + 1.0) / 2.0)  # noqa: E731
+    train = ["coffee", "chelsea", "rocket", "immunohistochemistry", "retina"]
+    with torch.no_grad():
+        lat = [encode(taef2.photo(n, size) * 2 - 1) for n in train]
+        lat = torch.cat(lat + [z.flip(-1) for z in lat])
+    mean = lat.mean(0).double()
+    std = float((lat.double() - mean).pow(2).mean().sqrt())
+    ac, grid = grid_for(steps)
+    model = GMD({"c": MP.gaussian(mean, std)}, ac)
+    clean = taef2.photo("astronaut", size) * 2 - 1
+    operators = {"sr_avgpool_x4": ops.AvgPoolSR(4, 0.05),
+                 "gaussian_blur_61": ops.Blur(ops.gaussian_kernel(61, 3.0), "gaussian_blur", 0.05),
+                 "motion_blur_61": ops.Blur(ops.motion_kernel(61, 0.5, seed=0), "motion_blur", 0.05),
+                 "inpaint_box": ops.LazyMaskInpaint("box", sigma_y=0.05)}
+    if quick:
+        operators = {k: operators[k] for k in ("sr_avgpool_x4", "gaussian_blur_61")}
+    out = {"prior": {"train_photos": train, "latent_std": round(std, 3), "size": size, "steps": steps}}
+    with torch.no_grad():
+        out["prior"]["encoder_decoder_psnr"] = psnr(decode(encode(clean)), clean)
+    for name, op in operators.items():
+        y = op.measure(clean, torch.Generator().manual_seed(7))
+        res = {}
+        with torch.no_grad():
+            res["baseline_E(back_projection)"] = {"psnr": psnr(decode(encode(rs.back_project(op, y, clean))), clean)}
+        for method in ("ldps", "psld", "p2l", "stsl"):
+            z, st = run(method, model, decode, encode, op, y, grid, clean, 100, mean=mean, std=std)
+            with torch.no_grad():
+                x = decode(z)
+            res[method] = {"psnr": psnr(x, clean), "consistency": round(consistency(op, y, x), 3), **st}
+        out[name] = res
+        print(f"(b) {name}: " + json.dumps(res), flush=True)
+    return out
+
+
+def protocol_a(quick: bool) -> dict:
+    import comfy_host
+
+    if not comfy_host.HOST_FOUND:
+        return {"skipped": comfy_host.MISSING_REASON}
+    pack = comfy_host.start_inprocess()
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    steps = 3 if quick else 20
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[:3]
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a high quality photograph"))
+    import taef2
+    clean = taef2.photo("astronaut", 64).movedim(1, -1)
+    kinds = ["sr_avgpool"] if quick else ["sr_avgpool", "gaussian_blur", "motion_blur", "inpaint_box"]
+    batches: list[int] = []
+
+    def hook(module, a, o):
+        if isinstance(module, UNetModel):
+            batches.append(int(a[0].shape[0]))
+
+    h = torch.nn.modules.module.register_module_forward_hook(hook)
+    out = {"steps": steps}
+    try:
+        for kind in kinds:
+            with torch.inference_mode():
+                op = r.DegradationOperator.execute(kind, 4, 61, 3.0, 0.5, 0.4, 0.05, 0).args[0]
+                y = r.DegradeImage.execute(clean, op, 0).args[0]
+            res = {}
+            for method in ("ldps", "psld", "p2l", "stsl"):
+                batches.clear()
+                t0 = time.perf_counter()
+                with Peak() as peak, torch.inference_mode():
+                    img, _, rep = r.Restore.execute(model, vae, pos, y, op, method, steps, 0, 1.0, 0.1, 0.0, 5, 1.0, 0.02,
+                                                    0.01, "measurement", 1, 1e-3, 4, 10, 0.01, "checkpoint", 64).args
+                rep = json.loads(rep)
+                res[method] = {"consistency": round(rep["consistency"], 3), "unet_calls": len(batches),
+                               "unet_batch_elements": sum(batches), "seconds": round(time.perf_counter() - t0, 2),
+                               "peak_mb": peak.mb, "psnr_meaningless_random_weights": psnr(img.movedim(-1, 1) * 2 - 1,
+                                                                                           clean.movedim(-1, 1) * 2 - 1)}
+            out[kind] = res
+            print(f"(a) {kind}: " + json.dumps(res), flush=True)
+    finally:
+        h.remove()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="under a minute")
+    ap.add_argument("--protocols", default="cba")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results = {"quick": args.quick}
+    t0 = time.perf_counter()
+    for p, fn in (("c", protocol_c), ("b", protocol_b), ("a", protocol_a)):
+        if p in args.protocols:
+            results[p] = fn(args.quick)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
