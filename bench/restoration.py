@@ -12,6 +12,8 @@
     with an analytic Gaussian latent prior fitted to the TAEF2 latents of *other* photos (whose exact
     denoiser is known): PSNR against the clean photo for x4 SR, Gaussian and motion deblurring
     (61x61) and box inpainting.
+(m) decoder memory: one gradient through the TAEF2 decoder at 512 and 1024 px, full / checkpointed /
+    tiled (core/tiling.py): bytes autograd keeps and peak RSS growth.
 (a) plumbing: the Restore node through the real ComfyUI glue with the tiny random-weight SD1.5
     checkpoint: cost and consistency (its images mean nothing).
 
@@ -241,6 +243,56 @@ def protocol_b(quick: bool) -> dict:
     return out
 
 
+MEMORY_MODES = {"tiled_64": {"tile": 64, "overlap": 8}, "tiled_32": {"tile": 32, "overlap": 4}, "checkpoint": {"tile": 0},
+                "full": {"tile": 0, "checkpoint": False}}
+
+
+def memory_worker(size: int, mode: str) -> dict:
+    """One gradient through the TAEF2 decoder in this (fresh) process."""
+    import taef2
+
+    _pack()
+    from comfyui_inverse.core.tiling import decode_bounded
+
+    _, dec = taef2.load()
+    z = torch.randn(1, 32, size // 8, size // 8).requires_grad_(True)
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    t0 = time.perf_counter()
+    with Peak() as peak:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = decode_bounded(dec, z, **MEMORY_MODES[mode])
+        x.pow(2).mean().backward()
+    return {"autograd_saved_mb": round(saved[0] / 2 ** 20, 1), "peak_rss_growth_mb": peak.mb,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def decoder_memory(quick: bool) -> dict:
+    """Memory of one gradient through the TAEF2 decoder at 512 and 1024 px for full / checkpointed /
+    tiled decoding, each in a fresh process: bytes autograd keeps for the backward pass and peak
+    RSS growth over the loaded model."""
+    import subprocess
+
+    import taef2
+
+    if not taef2.available():
+        return {"skipped": "TAEF2 weights not found"}
+    out = {}
+    for size in ((384,) if quick else (512, 1024)):
+        res = {}
+        for mode in MEMORY_MODES:
+            proc = subprocess.run([sys.executable, __file__, "--memory-worker", f"{size}:{mode}"], capture_output=True,
+                                  text=True, check=True)
+            res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"{size}px"] = res
+        print(f"decoder memory {size}px: " + json.dumps(res), flush=True)
+    return out
+
+
 def protocol_a(quick: bool) -> dict:
     import comfy_host
 
@@ -277,7 +329,7 @@ def protocol_a(quick: bool) -> dict:
                 t0 = time.perf_counter()
                 with Peak() as peak, torch.inference_mode():
                     img, _, rep = r.Restore.execute(model, vae, pos, y, op, method, steps, 0, 1.0, 0.1, 0.0, 5, 1.0, 0.02,
-                                                    0.01, "measurement", 1, 1e-3, 4, 10, 0.01, "checkpoint", 64).args
+                                                    0.01, "measurement", 1, 1e-3, 4, 10, 0.01, "tiled", 64).args
                 rep = json.loads(rep)
                 res[method] = {"consistency": round(rep["consistency"], 3), "unet_calls": len(batches),
                                "unet_batch_elements": sum(batches), "seconds": round(time.perf_counter() - t0, 2),
@@ -293,12 +345,17 @@ def protocol_a(quick: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="under a minute")
-    ap.add_argument("--protocols", default="cba")
+    ap.add_argument("--protocols", default="cbma", help="c, b, a and m (decoder memory)")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_worker:
+        size, mode = args.memory_worker.split(":")
+        print(json.dumps(memory_worker(int(size), mode)))
+        return
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = {"quick": args.quick}
     t0 = time.perf_counter()
-    for p, fn in (("c", protocol_c), ("b", protocol_b), ("a", protocol_a)):
+    for p, fn in (("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a)):
         if p in args.protocols:
             results[p] = fn(args.quick)
     results["seconds"] = round(time.perf_counter() - t0, 1)

@@ -631,17 +631,19 @@ class EditGuider(comfy.samplers.CFGGuider):
 # ----------------------------------------------------------------------------------------------
 # differentiable VAE coding in the diffusion model's latent space (posterior samplers)
 
-DECODER_MEMORY = ("checkpoint", "tiled", "full")
+DECODER_MEMORY = ("tiled", "checkpoint", "full")
 
 
 class LatentCodec:
     """decode: model-space latent (after the latent format) -> image [B, 3, H, W] in [-1, 1];
     encode: the reverse. Both differentiable inside ``autograd()``; float32 in and out, the VAE
     runs in its own dtype. ``memory`` bounds the decoder's autograd memory (core/tiling.py):
-    "checkpoint" recomputes the decoder in the backward pass, "tiled" also decodes overlapping
-    tiles of ``tile`` latent pixels one at a time, "full" keeps every activation."""
+    "tiled" decodes overlapping tiles of ``tile`` latent pixels one at a time, each checkpointed
+    (the peak is one tile's graph), "checkpoint" recomputes the whole decoder in the backward pass
+    (holds nothing between forward and backward, but the recomputation peaks like "full"),
+    "full" keeps every activation."""
 
-    def __init__(self, vae, model, memory: str = "checkpoint", tile: int = 64):
+    def __init__(self, vae, model, memory: str = "tiled", tile: int = 64):
         if memory not in DECODER_MEMORY:
             raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
         self.vae = vae

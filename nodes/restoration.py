@@ -180,9 +180,10 @@ class Restore(io.ComfyNode):
                              tooltip="P2L: conjugate-gradient iterations of the projection (10)."),
                 io.Float.Input("p2l_cg_lambda", default=0.01, min=1e-6, max=10.0, step=1e-4,
                                tooltip="P2L: proximal weight of the projection (small: trust the measurement)."),
-                io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="checkpoint",
-                               tooltip="Autograd memory of the decoder: checkpoint (recompute in backward), tiled "
-                                       "(also decode tiles one at a time; for 1024+ px), full (fastest, most memory)."),
+                io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
+                               tooltip="Autograd memory of the decoder: tiled (decode checkpointed tiles one at a time: "
+                                       "bounded memory above tile_size; below it the same as checkpoint), checkpoint "
+                                       "(recompute the decoder in the backward pass), full (fastest, most memory)."),
                 io.Int.Input("tile_size", default=64, min=16, max=256, step=8,
                              tooltip="Tile size in latent pixels for decoder_memory 'tiled' (64 = 512 px)."),
             ],

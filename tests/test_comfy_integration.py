@@ -1005,7 +1005,7 @@ def _restore_args(**kw):
     args = dict(method="stsl", steps=4, seed=0, step_size=1.0, gluing=0.1, stochasticity=0.0, stsl_inner_steps=2,
                 stsl_lambda=1.0, stsl_trace_weight=0.02, stsl_lr=0.05, stsl_start="measurement", p2l_prompt_steps=1,
                 p2l_prompt_lr=1e-2, p2l_project_every=2, p2l_cg_iters=10, p2l_cg_lambda=0.01,
-                decoder_memory="checkpoint", tile_size=64)
+                decoder_memory="tiled", tile_size=64)
     args.update(kw)
     return args
 
