@@ -243,7 +243,7 @@ def protocol_b(quick: bool) -> dict:
     return out
 
 
-MEMORY_MODES = {"tiled_64": {"tile": 64, "overlap": 8}, "tiled_32": {"tile": 32, "overlap": 4}, "checkpoint": {"tile": 0},
+MEMORY_MODES = {"tiled_64": {"tile": 64, "overlap": 8}, "tiled_16": {"tile": 16, "overlap": 2}, "tiled_32": {"tile": 32, "overlap": 4}, "checkpoint": {"tile": 0},
                 "full": {"tile": 0, "checkpoint": False}}
 
 
@@ -282,9 +282,9 @@ def decoder_memory(quick: bool) -> dict:
     if not taef2.available():
         return {"skipped": "TAEF2 weights not found"}
     out = {}
-    for size in ((384,) if quick else (512, 1024)):
+    for size in ((256,) if quick else (512, 1024)):
         res = {}
-        for mode in MEMORY_MODES:
+        for mode in (("tiled_16", "full") if quick else [m for m in MEMORY_MODES if m != "tiled_16"]):
             proc = subprocess.run([sys.executable, __file__, "--memory-worker", f"{size}:{mode}"], capture_output=True,
                                   text=True, check=True)
             res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])

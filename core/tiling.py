@@ -50,11 +50,16 @@ def _ramp(n: int, ov: int, lo_edge: bool, hi_edge: bool, like: Tensor) -> Tensor
 def decode_bounded(decode: Callable[[Tensor], Tensor], z: Tensor, tile: int = 0, overlap: int = 8,
                    checkpoint: bool = True) -> Tensor:
     """decode(z) for [B, C, h, w] latents with bounded autograd memory: with ``tile`` > 0 (latent
-    pixels) over overlapping tiles blended linearly across ``overlap`` latent pixels; each tile (or
-    the whole decode) checkpointed when ``checkpoint``. Outputs [B, C', s h, s w]."""
+    pixels) over overlapping tiles blended linearly across ``overlap`` latent pixels, each tile
+    checkpointed when ``checkpoint`` (a latent that fits one tile is decoded plainly); with
+    ``tile`` 0 the whole decode is checkpointed when ``checkpoint``. Outputs [B, C', s h, s w]."""
     B, _, h, w = z.shape
-    if tile <= 0 or (h <= tile and w <= tile):
+    if tile <= 0:
         return _maybe_checkpoint(decode, z, checkpoint)
+    if h <= tile and w <= tile:
+        # one tile: checkpointing it would only add the recomputation (its backward peaks like a full
+        # decode), so decode plainly
+        return decode(z)
     overlap = max(0, min(overlap, tile // 2))
     ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
     out = weight = None

@@ -639,7 +639,7 @@ class LatentCodec:
     encode: the reverse. Both differentiable inside ``autograd()``; float32 in and out, the VAE
     runs in its own dtype. ``memory`` bounds the decoder's autograd memory (core/tiling.py):
     "tiled" decodes overlapping tiles of ``tile`` latent pixels one at a time, each checkpointed
-    (the peak is one tile's graph), "checkpoint" recomputes the whole decoder in the backward pass
+    (the peak is one tile's graph; a latent within one tile decodes plainly), "checkpoint" recomputes the whole decoder in the backward pass
     (holds nothing between forward and backward, but the recomputation peaks like "full"),
     "full" keeps every activation."""
 

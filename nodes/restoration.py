@@ -181,11 +181,13 @@ class Restore(io.ComfyNode):
                 io.Float.Input("p2l_cg_lambda", default=0.01, min=1e-6, max=10.0, step=1e-4,
                                tooltip="P2L: proximal weight of the projection (small: trust the measurement)."),
                 io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
-                               tooltip="Autograd memory of the decoder: tiled (decode checkpointed tiles one at a time: "
-                                       "bounded memory above tile_size; below it the same as checkpoint), checkpoint "
-                                       "(recompute the decoder in the backward pass), full (fastest, most memory)."),
+                               tooltip="Autograd memory of the decoder: tiled (images larger than tile_size decode in "
+                                       "checkpointed tiles one at a time, so memory stays that of one tile; smaller "
+                                       "ones decode plainly), checkpoint (recompute the whole decoder in the backward "
+                                       "pass), full (fastest, most memory)."),
                 io.Int.Input("tile_size", default=64, min=16, max=256, step=8,
-                             tooltip="Tile size in latent pixels for decoder_memory 'tiled' (64 = 512 px)."),
+                             tooltip="Tile size in latent pixels for decoder_memory 'tiled' (64 = 512 px; 32 halves "
+                                     "the decoder's memory at 512 px, with seams feathered over the overlap)."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The restored image."),
                      io.Latent.Output(display_name="latent", tooltip="Its latent."),

@@ -71,6 +71,30 @@ class UNetCounter:
         self.handle.remove()
 
 
+def _interrupt_after(n_calls: int, run) -> tuple[int, int]:
+    """Run ``run()`` and request a cancel in the middle of its ``n_calls``-th UNet call; it must
+    raise InterruptProcessingException. Returns (call at which the cancel came, total calls)."""
+    import comfy.model_management
+
+    with UNetCounter() as counter:
+        fired = {}
+
+        def hook(module, args, output):
+            if isinstance(module, counter.cls) and len(counter.batches) == n_calls and not fired:
+                fired["at"] = len(counter.batches)
+                comfy.model_management.interrupt_current_processing(True)
+
+        h = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+                run()
+        finally:
+            h.remove()
+            comfy.model_management.interrupt_current_processing(False)
+    assert fired, "the run made fewer model calls than the cancel point"
+    return fired["at"], len(counter.batches)
+
+
 def _latents(out_dir: Path, prefix: str) -> torch.Tensor:
     import safetensors.torch
 
@@ -589,8 +613,6 @@ def test_exact_inversions_lower_the_residual_through_comfyui(pack, loaded, metho
 
 def test_cancel_inside_newton_and_null_text_loops(pack, loaded):
     """An interrupt raised in the middle of a step's inner loop stops before the next model call."""
-    import comfy.model_management
-
     n = _nodes(pack)
     model, clip, vae, pos, neg = loaded
     lat = _encode(loaded)
@@ -600,23 +622,8 @@ def test_cancel_inside_newton_and_null_text_loops(pack, loaded):
                                                          negative=neg, latent=lat),
     }
     for name, run in runs.items():
-        with UNetCounter() as counter:
-            fired = {}
-
-            def hook(module, args, output):
-                if isinstance(module, counter.cls) and len(counter.batches) == 13 and not fired:
-                    fired["at"] = len(counter.batches)
-                    comfy.model_management.interrupt_current_processing(True)
-
-            h = torch.nn.modules.module.register_module_forward_hook(hook)
-            try:
-                with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
-                    run()
-            finally:
-                h.remove()
-                comfy.model_management.interrupt_current_processing(False)
-        assert fired, name
-        assert len(counter.batches) - fired["at"] <= 1, name
+        at, total = _interrupt_after(13, run)
+        assert total - at <= 1, name
 
 
 def test_mismatched_conditioning_batch_is_a_clear_error(pack, loaded):
@@ -884,7 +891,6 @@ def test_local_blend_keeps_the_source_outside_the_edited_words(pack, loaded):
     with torch.inference_mode():
         lat = _prox(pack, loaded, res, tar, quantile=0.3, attention_control=control)
         z_src = res.z0
-        import comfy.model_management  # noqa: F401
     ms = loaded[0].get_model_object("latent_format")
     z_edit = ms.process_in(lat)
     same = ((z_edit - z_src).abs() < 1e-5).float().mean()
@@ -896,13 +902,11 @@ def test_local_blend_keeps_the_source_outside_the_edited_words(pack, loaded):
 def _guider_sample(pack, loaded, guider, res, sigmas_from=0):
     from comfy_extras import nodes_custom_sampler as cs
 
-    n = _nodes(pack)
     sigmas = torch.tensor([float(s) for s in _sigmas_of(pack, loaded, res)])[sigmas_from:]
     with torch.inference_mode():
         noise = cs.DisableNoise().get_noise()[0]
         sampler = cs.KSamplerSelect().get_sampler("euler")[0]
-        latent = {"samples": res.trajectory[::-1][sigmas_from].clone()}
-        latent["samples"] = _to_comfy(pack, loaded, res, sigmas_from)
+        latent = {"samples": _to_comfy(pack, loaded, res, sigmas_from)}
         return cs.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
 
 
@@ -945,26 +949,10 @@ def test_guider_reproduces_the_proxedit_node(pack, loaded):
 
 
 def test_cancel_inside_an_attention_controlled_edit(pack, loaded):
-    import comfy.model_management
-
     control, src, tar = _p2p_node(pack, loaded)
     z0, res, rec = _npi(pack, loaded, src, steps=10)
-    with UNetCounter() as counter:
-        fired = {}
-
-        def hook(module, args, output):
-            if isinstance(module, counter.cls) and len(counter.batches) == 5 and not fired:
-                fired["at"] = len(counter.batches)
-                comfy.model_management.interrupt_current_processing(True)
-
-        h = torch.nn.modules.module.register_module_forward_hook(hook)
-        try:
-            with pytest.raises(comfy.model_management.InterruptProcessingException):
-                _prox(pack, loaded, res, tar, attention_control=control)
-        finally:
-            h.remove()
-            comfy.model_management.interrupt_current_processing(False)
-    assert fired and len(counter.batches) - fired["at"] <= 1
+    at, total = _interrupt_after(5, lambda: _prox(pack, loaded, res, tar, attention_control=control))
+    assert total - at <= 1
 
 
 def test_few_step_lcm_and_50_step_edits_with_attention_control(pack, loaded):
@@ -1078,23 +1066,9 @@ def test_restore_bad_inputs_get_clear_errors(pack, loaded):
 
 @pytest.mark.parametrize("method", ["stsl", "p2l"])
 def test_cancel_inside_the_restoration_inner_loops(pack, loaded, method):
-    import comfy.model_management
-
     r, op = _operator(pack, "gaussian_blur")
     y = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
-    with UNetCounter() as counter:
-        fired = {}
-
-        def hook(module, args, output):   # the 2nd model call of the 2nd step's inner loop
-            if isinstance(module, counter.cls) and len(counter.batches) == 5 and not fired:
-                fired["at"] = len(counter.batches)
-                comfy.model_management.interrupt_current_processing(True)
-
-        h = torch.nn.modules.module.register_module_forward_hook(hook)
-        try:
-            with pytest.raises(comfy.model_management.InterruptProcessingException):
-                _restore(pack, loaded, y, op, method=method, stsl_inner_steps=3, p2l_prompt_steps=3)
-        finally:
-            h.remove()
-            comfy.model_management.interrupt_current_processing(False)
-    assert fired and len(counter.batches) - fired["at"] <= 1
+    # the cancel comes during the 2nd model call of the 2nd step's inner loop
+    at, total = _interrupt_after(5, lambda: _restore(pack, loaded, y, op, method=method, stsl_inner_steps=3,
+                                                     p2l_prompt_steps=3))
+    assert total - at <= 1
