@@ -256,7 +256,6 @@ class AttentionController:
     ``attention`` computes unedited attention (the host's fastest kernel)."""
 
     def __init__(self, control: AttentionControl, total_steps: int, attention: Callable = sdpa):
-        self.control = control
         self.p2p = control.p2p
         self.masa = control.masactrl
         self.total = int(total_steps)
@@ -294,12 +293,12 @@ class AttentionController:
     def masa_active(self, layer: int) -> bool:
         return self.masa is not None and self.step >= self.masa.start_step and layer >= self.masa.start_layer
 
-    def masa_base_active(self, layer: int) -> bool:
-        return self.masa_active(layer) and self.masa.base_strategy != "none"
-
     def needs_source_base(self) -> bool:
         """MasaCtrl on the base branch needs the source latent's keys/values under the base prompt."""
         return self.masa is not None and self.masa.base_strategy != "none"
+
+    def masa_base_active(self, layer: int) -> bool:
+        return self.needs_source_base() and self.masa_active(layer)
 
     def blend_active(self) -> bool:
         return (self.p2p is not None and self.p2p.blends

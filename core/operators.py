@@ -120,14 +120,22 @@ def _check_divisible(x: Tensor, factor: int, what: str) -> None:
                             f"resize or crop it to a multiple of {factor} (e.g. {W - W % factor}x{H - H % factor}).")
 
 
-class AvgPoolSR(Operator):
-    """Super-resolution by average pooling (x4, x8); adjoint: nearest upsampling / factor^2."""
+class _Downscale(Operator):
+    """Super-resolution operators: y is the image shrunk by an integer ``factor``."""
+
+    kind = "sr"
 
     def __init__(self, factor: int = 4, sigma_y: float = 0.05):
-        self.name, self.factor, self.sigma_y = f"sr_avgpool_x{factor}", int(factor), float(sigma_y)
+        self.name, self.factor, self.sigma_y = f"{self.kind}_x{factor}", int(factor), float(sigma_y)
 
     def x_shape(self, y_shape):
         return (*y_shape[:-2], y_shape[-2] * self.factor, y_shape[-1] * self.factor)
+
+
+class AvgPoolSR(_Downscale):
+    """Super-resolution by average pooling (x4, x8); adjoint: nearest upsampling / factor^2."""
+
+    kind = "sr_avgpool"
 
     def A(self, x):
         _check_divisible(x, self.factor, "image")
@@ -137,15 +145,11 @@ class AvgPoolSR(Operator):
         return F.interpolate(y, scale_factor=self.factor, mode="nearest") / (self.factor ** 2)
 
 
-class BicubicSR(Operator):
+class BicubicSR(_Downscale):
     """Super-resolution by bicubic downsampling (a fixed linear map); its adjoint is computed exactly
     as the vector-Jacobian product of that map."""
 
-    def __init__(self, factor: int = 4, sigma_y: float = 0.05):
-        self.name, self.factor, self.sigma_y = f"sr_bicubic_x{factor}", int(factor), float(sigma_y)
-
-    def x_shape(self, y_shape):
-        return (*y_shape[:-2], y_shape[-2] * self.factor, y_shape[-1] * self.factor)
+    kind = "sr_bicubic"
 
     def A(self, x):
         _check_divisible(x, self.factor, "image")

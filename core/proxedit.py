@@ -204,8 +204,7 @@ def prox_edit(predictor: NoisePredictor, result: InversionResult, src: Any, tar:
     maps = result.extras.get("noise_maps") if result.method == "ddpm" else None
     for i in range(start_step, grid.steps):
         s = per_step_src[i] if per_step_src is not None else src
-        z = edit_step(predictor, result, z, i, s, tar, cfg, control, source if source is not None else src,
-                      maps[i] if maps is not None else None)
+        z = edit_step(predictor, result, z, i, s, tar, cfg, control, source, maps[i] if maps is not None else None)
         traj.append(z)
         if callback is not None:
             callback(i - start_step, total, z)

@@ -134,7 +134,7 @@ def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: 
 # P2L (Chung et al., ../shared/papers/p2l-prompt-tuning-inverse.txt; the algorithm restored in NOTES.md)
 
 def conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor, iters: int = 10,
-                       tol: float = 1e-10, callback: Optional[Callable[[], None]] = None) -> Tensor:
+                       tol: float = 1e-10) -> Tensor:
     """Conjugate gradients for apply(x) = b with a symmetric positive-definite ``apply`` (float32;
     the whole tensor is one vector). Stops after ``iters`` iterations or when ||r||^2 < tol ||b||^2."""
     x = x0.clone()
@@ -145,8 +145,6 @@ def conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor,
     for _ in range(iters):
         if float(rs) <= stop:
             break
-        if callback is not None:
-            callback()
         ap = apply(p)
         alpha = rs / (p * ap).sum().clamp_min(1e-30)
         x = x + alpha * p
@@ -157,14 +155,13 @@ def conjugate_gradient(apply: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor,
     return x
 
 
-def project_to_measurements(op: Operator, y: Tensor, x_ref: Tensor, lam: float, iters: int = 10,
-                            callback: Optional[Callable[[], None]] = None) -> Tensor:
+def project_to_measurements(op: Operator, y: Tensor, x_ref: Tensor, lam: float, iters: int = 10) -> Tensor:
     """P2L's proximal projection (NOTES.md P2L step 4): argmin_x ||y - A x||^2 + lam ||x - x_ref||^2,
     i.e. (A^T A + lam I) x = A^T y + lam x_ref, by conjugate gradients warm-started at x_ref."""
     if lam <= 0:
         raise ValueError("the projection's lambda must be positive")
     b = op.At(y, x_ref) + lam * x_ref
-    return conjugate_gradient(lambda v: op.At(op.A(v), x_ref) + lam * v, b, x_ref, iters, callback=callback)
+    return conjugate_gradient(lambda v: op.At(op.A(v), x_ref) + lam * v, b, x_ref, iters)
 
 
 def back_project(op: Operator, y: Tensor, like: Tensor, lam: float = 1e-2, iters: int = 20) -> Tensor:

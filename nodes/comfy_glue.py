@@ -601,12 +601,12 @@ class EditGuider(comfy.samplers.CFGGuider):
         self.result = result
         self.step = step
         self._device_result = None
+        table = model_sigma_table(model)
+        self._levels = [float(table[int(t)]) for t in result.grid.timesteps[:-1]]
 
     def _grid_index(self, sigma: float) -> int:
         grid = self.result.grid
-        table = model_sigma_table(self.model_patcher)
-        for i, t in enumerate(grid.timesteps[:-1]):
-            s = float(table[int(t)])
+        for i, s in enumerate(self._levels):
             if abs(s - sigma) <= 1e-4 * max(s, 1e-6):
                 return i
         raise InverseInputError(
@@ -634,6 +634,12 @@ class EditGuider(comfy.samplers.CFGGuider):
 DECODER_MEMORY = ("tiled", "checkpoint", "full")
 
 
+def vae_downscale(vae) -> int:
+    """Pixels per latent pixel of ``vae`` (8 for SD VAEs; 8 where ComfyUI gives no single number)."""
+    ratio = getattr(vae, "downscale_ratio", 8)
+    return int(ratio) if isinstance(ratio, (int, float)) else 8
+
+
 class LatentCodec:
     """decode: model-space latent (after the latent format) -> image [B, 3, H, W] in [-1, 1];
     encode: the reverse. Both differentiable inside ``autograd()``; float32 in and out, the VAE
@@ -653,10 +659,6 @@ class LatentCodec:
         self.net = vae.first_stage_model
         self.device, self.dtype = vae.device, vae.vae_dtype
         self.calls = 0
-
-    def downscale(self) -> int:
-        ratio = getattr(self.vae, "downscale_ratio", 8)
-        return int(ratio) if isinstance(ratio, (int, float)) else 8
 
     def _decode_raw(self, raw: Tensor) -> Tensor:
         return self.net.decode(raw.to(self.device, self.dtype)).float()

@@ -91,7 +91,7 @@ class PromptToPrompt(io.ComfyNode):
         if clip is None:
             raise glue.InverseInputError("clip: connect the checkpoint's CLIP.")
         src_ids, length = glue.prompt_tokens(clip, source_prompt, "source_prompt")
-        tar_ids, length_t = glue.prompt_tokens(clip, target_prompt, "target_prompt")
+        tar_ids, _ = glue.prompt_tokens(clip, target_prompt, "target_prompt")
         try:
             if mode == "replace":
                 mapper, alphas = ac.replace_mapping(src_ids, tar_ids, length)
@@ -234,7 +234,7 @@ class _Edit:
             raise glue.InverseInputError("inversion: expected the output of an Inverse inversion node.")
         if base not in BASES:
             raise glue.InverseInputError(f"base: choose one of {', '.join(BASES)}.")
-        self.inversion, self.base, self.mix = inversion, base, source_null_mix
+        self.base, self.mix = base, source_null_mix
         B = inversion.batch_size
         negative = negative if negative is not None else inversion.extras.get("negative_cond")
         source = inversion.extras.get("source_cond")
@@ -363,9 +363,12 @@ class ProxEditGuider(io.ComfyNode):
         edit = _Edit(model, inversion, target, negative, base, guidance, prox, quantile, fixed_threshold, dilation,
                      inversion_guidance, reconstruction_guidance, t_rec, source_null_mix, attention_control)
         maps = inversion.extras.get("noise_maps") if inversion.method == "ddpm" else None
+        handles = []  # built once, at the first model evaluation (they need the device copy)
 
         def step(pred, result, z, i):
-            src, per_step, source = edit.handles(pred, result)
+            if not handles:
+                handles.extend(edit.handles(pred, result))
+            src, per_step, source = handles
             s = per_step[i] if per_step is not None else src
             noise = result.extras["noise_maps"][i] if maps is not None else None
             return proxedit.edit_step(pred, result, z, i, s, "target", edit.cfg, edit.controller, source, noise)

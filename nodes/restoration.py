@@ -217,8 +217,7 @@ class Restore(io.ComfyNode):
         except ops.OperatorError as exc:
             raise glue.InverseInputError(str(exc)) from None
         latent_format = model.get_model_object("latent_format")
-        codec_probe = getattr(vae, "downscale_ratio", 8)
-        f = int(codec_probe) if isinstance(codec_probe, (int, float)) else 8
+        f = glue.vae_downscale(vae)
         H, W = x_shape[-2:]
         if H % f or W % f:
             raise glue.InverseInputError(f"measurement: the restored image would be {W}x{H}; the VAE needs multiples of "
