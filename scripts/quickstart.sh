@@ -1,35 +1,33 @@
 #!/usr/bin/env bash
 # Installs ComfyUI-Inverse into a ComfyUI and runs the invert-and-reconstruct example headless.
-#   COMFYUI_PATH  your ComfyUI checkout (default ~/ComfyUI)
-#   CKPT          a checkpoint in its models/checkpoints, e.g. v1-5-pruned-emaonly.safetensors
-#                 (default: a generated tiny random-weight test model: it runs anywhere, makes noise)
-#   IMAGE         the photo to invert (default: the bundled example)
-#   OUT           where the images go (default ./out)
+#   COMFYUI_PATH   your ComfyUI (default ~/ComfyUI; with neither, one is provisioned in the cache
+#                  folder from ../shared/hosts or a clone of the pinned release: scripts/provision.py)
+#   COMFYUI_PYTHON the Python that runs your ComfyUI (default: detected)
+#   CKPT           a checkpoint in its models/checkpoints, e.g. v1-5-pruned-emaonly.safetensors
+#                  (default: a generated tiny random-weight test model: it runs anywhere, makes noise)
+#   IMAGE          the photo to invert (default: the bundled example)
+#   OUT            where the images go (default ./out)
 set -euo pipefail
 pack=$(cd "$(dirname "$0")/.." && pwd)
 cd "$pack"
-source scripts/_deps.sh
-COMFYUI_PATH=${COMFYUI_PATH:-$HOME/ComfyUI}
-if [ ! -f "$COMFYUI_PATH/main.py" ]; then
-  echo "quickstart: no ComfyUI at $COMFYUI_PATH; set COMFYUI_PATH to your ComfyUI folder" >&2
-  exit 2
-fi
 
-# 1. install the pack into ComfyUI/custom_nodes (a link, unless it already lives there)
+# 1. the host and its Python, with ComfyUI's and the pack's requirements (torch never replaced)
+eval "$("${PYTHON:-python3}" scripts/provision.py --deps run --shell)"
+echo "[quickstart] ComfyUI $COMFYUI_VERSION at $COMFYUI_PATH (from $COMFYUI_HOST_SOURCE); Python: $COMFYUI_PYTHON"
+
+# 2. install the pack into ComfyUI/custom_nodes (a link, unless it already lives there)
 installed=0
 for d in "$COMFYUI_PATH"/custom_nodes/*/; do
-  if [ "$(cd "$d" && pwd -P)" = "$(pwd -P)" ]; then installed=1; fi
+  if [ -d "$d" ] && [ "$(cd "$d" && pwd -P)" = "$(pwd -P)" ]; then installed=1; fi
 done
 if [ "$installed" = 0 ]; then
   ln -sfn "$pack" "$COMFYUI_PATH/custom_nodes/ComfyUI-Inverse"
   echo "[quickstart] linked $pack into $COMFYUI_PATH/custom_nodes/ComfyUI-Inverse"
 fi
 
-# 2. dependencies: ComfyUI's and the pack's, never replacing the installed torch
-pip_install_reqs "$(comfyui_reqs "$COMFYUI_PATH")" requirements.txt
-
 # 3. run the example workflow headless
-args=(workflows/api/invert_and_reconstruct.json --comfyui "$COMFYUI_PATH" --out "${OUT:-out}")
+out=${OUT:-out}
+args=(workflows/api/invert_and_reconstruct.json --comfyui "$COMFYUI_PATH" --out "$out")
 if [ -n "${CKPT:-}" ]; then
   args+=(--checkpoint "$CKPT")
 else
@@ -37,4 +35,6 @@ else
   args+=(--tiny-checkpoint --set 5.width=256 --set 5.height=256)
 fi
 if [ -n "${IMAGE:-}" ]; then args+=(--image "$IMAGE"); fi
-exec "$PY" scripts/run_workflow.py "${args[@]}"
+"$COMFYUI_PYTHON" scripts/run_workflow.py "${args[@]}"
+echo "[quickstart] done: the images are in $(cd "$out" && pwd)"
+echo "[quickstart] to open ComfyUI's UI with the pack loaded: bash scripts/ui.sh   (then http://127.0.0.1:8188)"

@@ -1,33 +1,41 @@
 #!/usr/bin/env bash
-# The test command (README, and .ci/run): installs the test dependencies without touching the
-# installed torch, then runs every test. Integration tests use the ComfyUI at COMFYUI_PATH
-# (default ~/ComfyUI); without one they are skipped and this script says so loudly.
+# The test command (README, and .ci/run). Finds or provisions the ComfyUI host and its Python
+# (scripts/provision.py: COMFYUI_PATH, ~/ComfyUI, the cache, ../shared/hosts' archive, a clone),
+# installs the test requirements without touching the installed torch, then runs every test.
+#   COMFYUI_INVERSE_REQUIRE_HOST=1 (set by .ci/run): no host, or any skipped test, fails the run.
+#   Otherwise a missing host gets a loud banner and only the core tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/_deps.sh
-export COMFYUI_PATH=${COMFYUI_PATH:-$HOME/ComfyUI}
-
-reqs=(requirements-test.txt)
-if [ -f "$COMFYUI_PATH/main.py" ] && [ -f "$COMFYUI_PATH/comfy/sd.py" ]; then
-  reqs+=("$(comfyui_reqs "$COMFYUI_PATH")")
-  echo "[test] ComfyUI host: $COMFYUI_PATH"
-else
-  cat >&2 <<BANNER
-##########################################################################################
-#  ComfyUI NOT FOUND at $COMFYUI_PATH
-#  The integration tests (real ComfyUI, tiny SD1.5 checkpoint, HTTP server, workflows)
-#  will be SKIPPED; only the core tests run. To run everything, get ComfyUI and point
-#  COMFYUI_PATH at it (README, "Running the tests"):
-#      git clone https://github.com/comfyanonymous/ComfyUI ~/ComfyUI
-#  Set COMFYUI_INVERSE_REQUIRE_HOST=1 to make a missing ComfyUI an error.
-##########################################################################################
-BANNER
-  if [ "${COMFYUI_INVERSE_REQUIRE_HOST:-0}" = "1" ]; then exit 1; fi
-fi
-pip_install_reqs "${reqs[@]}"
+BASE_PY=${PYTHON:-python3}
+require=${COMFYUI_INVERSE_REQUIRE_HOST:-0}
 
 set +e
-"$PY" -m pytest -q -rs tests "$@"
+env_lines=$("$BASE_PY" scripts/provision.py --deps test --shell)
+rc=$?
+set -e
+if [ "$rc" -eq 0 ]; then
+  eval "$env_lines"
+  echo "[test] ComfyUI host: $COMFYUI_PATH (version $COMFYUI_VERSION, from $COMFYUI_HOST_SOURCE); Python: $COMFYUI_PYTHON"
+elif [ "$rc" -eq 3 ] && [ "$require" != "1" ]; then
+  cat >&2 <<'BANNER'
+##########################################################################################
+#  NO ComfyUI HOST (see the provisioning error above).
+#  The integration tests (real ComfyUI, tiny SD1.5 checkpoint, HTTP server, workflows)
+#  will be SKIPPED; only the core tests run. Set COMFYUI_PATH to your ComfyUI, or let
+#  the scripts provision one (network or ../shared/hosts/ComfyUI-*.tar.gz).
+#  CI (.ci/run, COMFYUI_INVERSE_REQUIRE_HOST=1) fails here instead.
+##########################################################################################
+BANNER
+  env_lines=$("$BASE_PY" scripts/provision.py --deps test --no-host --shell)
+  eval "$env_lines"
+  export COMFYUI_PATH=${COMFYUI_PATH:-/nonexistent/ComfyUI}
+else
+  echo "[test] cannot run the tests without a ComfyUI host (provisioning exit code $rc)" >&2
+  exit 1
+fi
+
+set +e
+"$COMFYUI_PYTHON" -m pytest -q -rs tests "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -1,8 +1,9 @@
 """The real ComfyUI host for integration tests.
 
-ComfyUI is found through COMFYUI_PATH (default ~/ComfyUI). When it is missing, integration
-tests are skipped with a loud reason (and .ci/run prints a banner); set
-COMFYUI_INVERSE_REQUIRE_HOST=1 to make a missing host an error instead.
+The host is the one scripts/provision.py finds without provisioning anything: COMFYUI_PATH, else
+~/ComfyUI, else the host provisioned earlier in the cache folder (scripts/test.sh provisions it
+and exports COMFYUI_PATH). When there is none, integration tests are skipped with a loud reason;
+under COMFYUI_INVERSE_REQUIRE_HOST=1 (.ci/run) a missing host, or any skipped test, is a failure.
 """
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFYUI_PATH = Path(os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/ComfyUI"))).resolve()
-HOST_FOUND = (COMFYUI_PATH / "comfy" / "sd.py").is_file() and (COMFYUI_PATH / "execution.py").is_file()
-MISSING_REASON = (f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI checkout "
-                  f"(README: 'Running the tests') to run the integration tests")
+sys.path.insert(0, str(ROOT / "scripts"))
+import provision  # noqa: E402
+
+REQUIRE_HOST = os.environ.get("COMFYUI_INVERSE_REQUIRE_HOST") == "1"
+try:
+    _HOST = provision.find_host(os.environ, provision=False)
+    _WHY = "no ComfyUI found (COMFYUI_PATH unset, no ~/ComfyUI, nothing provisioned in the cache folder)"
+except provision.ProvisionError as exc:
+    _HOST, _WHY = None, str(exc)
+HOST_FOUND = _HOST is not None
+COMFYUI_PATH = _HOST.path if _HOST else Path(os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/ComfyUI")))
+HOST_VERSION = _HOST.version if _HOST else None
+HOST_SOURCE = _HOST.source if _HOST else None
+MISSING_REASON = (f"{_WHY}: run the tests with `bash scripts/test.sh`, which provisions a ComfyUI, or set "
+                  f"COMFYUI_PATH to a ComfyUI checkout (README: 'Running the tests')")
 PACK_DIR_NAME = "ComfyUI-Inverse"
-CACHE_DIR = Path(os.path.expanduser(os.environ.get("COMFYUI_INVERSE_CACHE", "~/.cache/comfyui-inverse")))
+CACHE_DIR = provision.cache_dir()
 TINY_CKPT_NAME = "inverse_tiny_sd15_v1.safetensors"
 
 _state: dict = {}

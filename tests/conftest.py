@@ -2,8 +2,8 @@
 
 The pack is imported as the package ``comfyui_inverse`` (whatever its folder is called), so
 that its relative imports work and its ``nodes`` package never shadows ComfyUI's ``nodes.py``.
-The ComfyUI host for integration tests is found through COMFYUI_PATH (default ~/ComfyUI);
-see tests/comfy_host.py.
+The ComfyUI host for integration tests is found as tests/comfy_host.py says; tests/ci_guard.py
+names it in the header and, in CI, turns any skip into a failure.
 """
 from __future__ import annotations
 
@@ -28,3 +28,6 @@ def _load_pack():
 
 _load_pack()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+pytest_plugins = ["ci_guard"]

@@ -1,4 +1,4 @@
-"""Integration tests on the real ComfyUI (COMFYUI_PATH, default ~/ComfyUI) with a tiny
+"""Integration tests on the real ComfyUI (the host tests/comfy_host.py finds) with a tiny
 random-weight checkpoint that ComfyUI detects as SD1.5."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import comfy_host
 
 if not comfy_host.HOST_FOUND:
-    if os.environ.get("COMFYUI_INVERSE_REQUIRE_HOST") == "1":
+    if comfy_host.REQUIRE_HOST:
         raise RuntimeError(comfy_host.MISSING_REASON)
     pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
 
