@@ -7,14 +7,27 @@ for one inversion step from level s (latent z_s, abar a_s) to level t (abar a_t)
     f(z) = sqrt(a_t / a_s) z_s + sqrt(a_t) (psi(a_t) - psi(a_s)) eps(z, t)         (eq. 3)
 
 and the exact inversion is the root of r(z) = z - f(z) (eq. 5). DDIM inversion (eq. 4) takes
-f(z_s). The solvers below start from z^0 = z_s (eq. 8) and stop early once the mean absolute
-residual mean|r| drops below ``tol``; every step reports the residual of the latent it returns.
+f(z_s). Every solver below is one short function over the same contract
+``solve(step, cfg, grad_context) -> (z_t, residual history, residual)``; the bookkeeping they
+share lives in :class:`_Track`:
 
-- :func:`solve_rnri`: Regularized Newton-Raphson, eq. 7-8, derivatives by autograd through the model.
-- :func:`solve_rnri` with ``jacobian_free=True``: the authors' public code, where the model call
-  is detached, so dF/dz = -sign(f(z) - z) + the prior term (no backward pass through the model).
-- :func:`solve_fixed_point`: z <- f(z) (AIDI / ReNoise).
+- everything is per image: residuals mean|r| over each image, tolerance, early stop and the best
+  iterate are decided image by image (a batch of 2 equals two runs of 1);
+- the returned latent is the best iterate seen, seeded with the DDIM estimate f(z_s) (free: it is
+  z_s - r(z_s)), never z_s itself, so no step returns its input.
+
+Solvers (model calls per step with ``iterations = K``):
+- :func:`solve_rnri`: Regularized Newton-Raphson, eq. 7-8, derivatives by autograd through the
+  model, from z^0 = z_s (K forward+backward, 1 forward).
+- :func:`solve_rnri_jacobian_free`: the authors' public code: the model call detached, so
+  dF/dz = -sign(f(z) - z) + the prior term; K updates, then f(z^K) is returned (K + 1 forward).
+- :func:`solve_fixed_point`: z <- f(z) (AIDI / ReNoise) (K + 1 forward).
 - :func:`solve_gradient_descent`: gradient descent on 0.5 ||z - f(z)||^2 (ExactDPM-style).
+- :func:`solve_anderson`: type-II Anderson acceleration of the fixed point (memory ``cfg.memory``),
+  safeguarded by the plain fixed-point update (K + 1 forward).
+- :func:`solve_newton_krylov`: Newton's method on r(z) = 0 from f(z_s), each linear system
+  (I - J) delta = -r solved by GMRES with ``cfg.krylov`` Jacobian-vector products
+  (K (krylov + 1) + 2 forward, or JVP passes through the model).
 """
 from __future__ import annotations
 
@@ -37,10 +50,12 @@ GradContext = Callable[[], ContextManager]
 class SolverConfig:
     """Per-step solver settings shared by the iterative inversions.
 
-    ``iterations``: at most this many updates per step (RNRI: 2); ``tol``: stop a step once
-    mean|z - f(z)| < tol; ``lam``: RNRI's prior weight lambda (eq. 7, 0.1); ``eta``: RNRI's
+    ``iterations``: at most this many updates per step (RNRI: 2); ``tol``: an image's step stops
+    once its mean|z - f(z)| < tol; ``lam``: RNRI's prior weight lambda (eq. 7, 0.1); ``eta``: RNRI's
     stabiliser in eq. 8; ``max_update``: clamp on one Newton update per element (guards the
-    division where dF/dz_i ~ 0); ``lr``: gradient-descent step size.
+    division where dF/dz_i ~ 0); ``lr``: gradient-descent step size; ``memory``: Anderson's
+    history length; ``krylov``: GMRES iterations (JVPs) per Newton-Krylov update; ``jvp``:
+    "autograd" (forward-mode through the model) or "finite_difference" (one model call each).
     """
 
     iterations: int = 2
@@ -49,15 +64,16 @@ class SolverConfig:
     eta: float = 1e-3
     max_update: float = 0.5
     lr: float = 1.0
-    jacobian_free: bool = False
+    memory: int = 3
+    krylov: int = 3
+    jvp: str = "finite_difference"
 
 
 @dataclass
 class StepReport:
-    residuals: list[float] = field(default_factory=list)   # mean|z - f(z)| of the returned latent, per step
-    # (solvers return the best iterate they saw, so this is the minimum of each step's history)
+    residuals: list[float] = field(default_factory=list)   # mean over images of mean|z - f(z)| of the returned latent
     iterations: list[int] = field(default_factory=list)    # updates made per step
-    history: list[list[float]] = field(default_factory=list)  # residual after every update, per step
+    history: list[list[float]] = field(default_factory=list)  # mean residual of every evaluated iterate, per step
 
 
 class _Step:
@@ -78,9 +94,9 @@ class _Step:
         return math.sqrt(ratio) * self.z_s, max(1.0 - ratio, 1e-12)
 
     def prior_nll(self, z: Tensor) -> Tensor:
-        """-sum_j log q_j(z | z_s) up to its constant."""
+        """-sum_j log q_j(z | z_s) up to its constant, per image."""
         mean, var = self._prior()
-        return ((z - mean) ** 2).sum() / (2.0 * var)
+        return ((z - mean) ** 2).flatten(1).sum(1) / (2.0 * var)
 
     def prior_grad(self, z: Tensor) -> Tensor:
         """The gradient of :meth:`prior_nll`, (z - mean) / var."""
@@ -89,109 +105,271 @@ class _Step:
 
 
 def rnri_objective(step: _Step, z: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """F(z) = ||z - f(z)||_1 + lambda * (-sum log q(z | z_s)) (RNRI eq. 7); returns (F, r)."""
+    """F(z) = ||z - f(z)||_1 + lambda * (-sum log q(z | z_s)) (RNRI eq. 7), one value per image;
+    returns (F [B], r)."""
     r = z - step.f(z)
-    return r.abs().sum() + lam * step.prior_nll(z), r
+    return r.abs().flatten(1).sum(1) + lam * step.prior_nll(z), r
 
 
-def _mean_abs(r: Tensor) -> float:
-    return float(r.detach().abs().mean())
+def per_image_residual(r: Tensor) -> Tensor:
+    """mean|r| over each image: [B]."""
+    return r.detach().abs().flatten(1).mean(1).float()
 
 
-def _keep_best(best, res: float, z: Tensor):
-    """Solvers return the iterate with the lowest residual seen (a diverging iteration, e.g.
-    fixed-point at high guidance on few steps, then stops at its best point)."""
-    if best is None or res < best[0] or not math.isfinite(best[0]):
-        return (res, z.detach().clone())
-    return best
+def _per_image(v: Tensor, like: Tensor) -> Tensor:
+    """A per-image value [B] broadcast against a latent batch."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1)).to(like)
+
+
+class _Track:
+    """The bookkeeping every solver shares, per image.
+
+    Seeded at k = 0 with r(z_s): the best iterate starts as the DDIM estimate f(z_s) = z_s - r(z_s),
+    with r(z_s) as its residual (a bound on r(f(z_s)) wherever f contracts); an image whose best
+    residual falls below ``tol`` is done: its best iterate and its updates are frozen, so each
+    image follows exactly the path it would follow alone."""
+
+    def __init__(self, z_s: Tensor, r0: Tensor, tol: float):
+        res0 = per_image_residual(r0)
+        self.z = (z_s - r0).detach().clone()
+        self.res = res0.clone()
+        self.tol = tol
+        self.done = res0 < tol
+        self.hist = [float(res0.mean())]
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def offer(self, z: Tensor, r: Tensor, is_seed: bool = False) -> Tensor:
+        """Record iterate ``z`` with residual ``r``; ``is_seed`` when ``z`` is f(z_s) itself (its
+        measured residual then replaces the bound). Returns the per-image residual."""
+        res = per_image_residual(r)
+        live = ~self.done
+        take = live & torch.isfinite(res) & ((res < self.res) | torch.tensor(is_seed))
+        self.z[take] = z.detach()[take].to(self.z)
+        self.res[take] = res[take]
+        self.hist.append(float(torch.where(live, res, self.res).mean()))
+        self.done = self.done | (self.res < self.tol)
+        return res
+
+    def step(self, z: Tensor, new: Tensor) -> Tensor:
+        """``new`` where the image is still running, ``z`` where it is done."""
+        return torch.where(_per_image(self.done, z).bool(), z, new).detach()
+
+    def result(self) -> tuple[Tensor, list[float], float]:
+        return self.z, self.hist, float(self.res.mean())
 
 
 def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
-    """RNRI eq. 8: z_i <- z_i - F(z) / (d (g_i + eta)), g = dF/dz, from z^0 = z_s.
-
-    With ``cfg.jacobian_free`` the model's Jacobian is dropped and the step returns f(z^K) as the
-    authors' public code does: g = sign(r) + lambda (z - m) / v, no backward pass through the
-    model; the residual of the returned f(z^K) costs one more model call.
-    The sign of g is kept when adding eta, and each update is clamped to ``max_update``.
-    """
-    z = step.z_s.detach().clone()
-    d = z.numel()
-    hist, best = [], None
-    for k in range(cfg.iterations + 1):
-        last = k == cfg.iterations
-        if cfg.jacobian_free or last:
-            with torch.no_grad():
-                r = z - step.f(z)
-                res = _mean_abs(r)
-                F = r.abs().sum() + cfg.lam * step.prior_nll(z)
-                g = torch.sign(r) + cfg.lam * step.prior_grad(z)
-        else:
-            with grad_context():
-                zz = z.detach().clone().requires_grad_(True)
-                F, r = rnri_objective(step, zz, cfg.lam)
-                res = _mean_abs(r)
-                if res >= cfg.tol:
-                    (g,) = torch.autograd.grad(F, zz)
-            F = F.detach()
-        hist.append(res)
-        best = _keep_best(best, res, z)
-        if res < cfg.tol:
-            break
-        if last:
-            if cfg.jacobian_free:  # the authors' code returns f(z^K): one more fixed-point update
-                with torch.no_grad():
-                    fz = (z - r).detach()
-                    res2 = _mean_abs(fz - step.f(fz))
-                hist.append(res2)
-                best = _keep_best(best, res2, fz)
-            break
+    """RNRI eq. 8, per image: z_i <- z_i - F(z) / (d (g_i + eta)), g = dF/dz by autograd through
+    the model, d the number of elements of one image, from z^0 = z_s. The sign of g is kept when
+    adding eta, and each update is clamped to ``max_update``."""
+    z, track = step.z_s.detach().clone(), None
+    d = z[0].numel()
+    for k in range(cfg.iterations):
+        with grad_context():
+            zz = z.detach().clone().requires_grad_(True)
+            F, r = rnri_objective(step, zz, cfg.lam)
+            if track is None:
+                track = _Track(step.z_s, r, cfg.tol)
+            else:
+                track.offer(z, r)
+            if track.all_done:
+                return track.result()
+            (g,) = torch.autograd.grad(F.sum(), zz)
         g = g.detach()
         denom = g + cfg.eta * torch.where(g >= 0, 1.0, -1.0)
-        update = (F / d) / denom
-        z = (z - update.clamp(-cfg.max_update, cfg.max_update)).detach()
-    return best[1], hist, best[0]
+        update = (_per_image(F.detach(), z) / d) / denom
+        z = track.step(z, z - update.clamp(-cfg.max_update, cfg.max_update))
+    with torch.no_grad():
+        r = z - step.f(z)
+    if track is None:  # no iterations: DDIM inversion
+        return _Track(step.z_s, r, cfg.tol).result()
+    track.offer(z, r)
+    return track.result()
+
+
+def solve_rnri_jacobian_free(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
+    """The authors' public RNRI code: ``iterations`` Jacobian-free updates
+    z <- z - F / (d (g + eta)) with g = sign(r) + lambda (z - m) / v (no backward pass through the
+    model), then f(z^K) is returned: K + 1 model calls. The reported residual is that of z^K (the
+    code does not evaluate f(f(z^K)))."""
+    z = step.z_s.detach().clone()
+    d = z[0].numel()
+    with torch.no_grad():
+        fz = step.f(z)
+        r = z - fz
+        track = _Track(step.z_s, r, cfg.tol)
+        for k in range(cfg.iterations):
+            if k > 0:
+                fz = step.f(z)
+                r = z - fz
+                track.hist.append(float(per_image_residual(r).mean()))
+            F = r.abs().flatten(1).sum(1) + cfg.lam * step.prior_nll(z)
+            g = torch.sign(r) + cfg.lam * step.prior_grad(z)
+            denom = g + cfg.eta * torch.where(g >= 0, 1.0, -1.0)
+            z = z - ((_per_image(F, z) / d) / denom).clamp(-cfg.max_update, cfg.max_update)
+        if cfg.iterations > 0:
+            fz = step.f(z)
+            r = z - fz
+    res = per_image_residual(r)
+    return fz.detach(), track.hist + ([float(res.mean())] if cfg.iterations > 0 else []), float(res.mean())
 
 
 def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """Fixed-point iteration z^{k+1} = f(z^k) from z^0 = z_s (AIDI; its first update is DDIM inversion)."""
-    z = step.z_s.detach().clone()
-    hist, best = [], None
     with torch.no_grad():
-        for k in range(cfg.iterations + 1):
-            fz = step.f(z)
-            res = _mean_abs(z - fz)
-            hist.append(res)
-            best = _keep_best(best, res, z)
-            if res < cfg.tol or k == cfg.iterations:
+        z = step.z_s.detach().clone()
+        fz = step.f(z)
+        track = _Track(z, z - fz, cfg.tol)
+        for k in range(cfg.iterations):
+            if track.all_done:
                 break
-            z = fz
-    return best[1], hist, best[0]
+            z = track.step(z, fz)
+            fz = step.f(z)
+            track.offer(z, z - fz, is_seed=k == 0)
+    return track.result()
 
 
 def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """Gradient descent z <- z - lr * grad 0.5 ||z - f(z)||^2 from z^0 = z_s (ExactDPM-style baseline)."""
-    z = step.z_s.detach().clone()
-    hist, best = [], None
+    z, track = step.z_s.detach().clone(), None
     for k in range(cfg.iterations + 1):
         last = k == cfg.iterations
         with grad_context():
             zz = z.detach().clone().requires_grad_(not last)
             r = zz - step.f(zz)
-            res = _mean_abs(r)
-            if not last and res >= cfg.tol:
-                (g,) = torch.autograd.grad(0.5 * (r ** 2).sum(), zz)
-        hist.append(res)
-        best = _keep_best(best, res, z)
-        if res < cfg.tol or last:
+            if track is None:
+                track = _Track(step.z_s, r, cfg.tol)
+            else:
+                track.offer(z, r)
+            if last or track.all_done:
+                break
+            (g,) = torch.autograd.grad(0.5 * (r ** 2).sum(), zz)
+        z = track.step(z, z - cfg.lr * g.detach())
+    return track.result()
+
+
+def _lstsq_per_image(A: Tensor, b: Tensor) -> Tensor:
+    """argmin_x ||A x - b|| for a batch of small systems A [B, n, m], b [B, n], in float64 with a
+    tiny Tikhonov term so that dependent columns stay finite."""
+    A64, b64 = A.double(), b.double()
+    AtA = A64.transpose(1, 2) @ A64
+    reg = 1e-10 * AtA.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
+    AtA = AtA + reg[:, None, None] * torch.eye(A.shape[2], dtype=torch.float64, device=A.device)
+    return torch.linalg.solve(AtA, (A64.transpose(1, 2) @ b64[..., None]))[..., 0]
+
+
+def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
+    """Type-II Anderson acceleration of z = f(z), per image (Walker & Ni 2011, beta = 1): with
+    g_k = f(z_k) - z_k and the last m differences dZ, dG of iterates and residuals,
+    gamma = argmin ||g_k - dG gamma||, z_{k+1} = z_k + g_k - (dZ + dG) gamma. Safeguard: an image
+    whose residual grew restarts from the plain fixed-point update of its best iterate."""
+    with torch.no_grad():
+        z = step.z_s.detach().clone()
+        fz = step.f(z)
+        g = fz - z
+        track = _Track(z, -g, cfg.tol)
+        B = z.shape[0]
+        flat = lambda t: t.reshape(B, -1).double()  # noqa: E731
+        best_f = fz.clone()  # f at each image's best evaluated iterate (its fixed-point update)
+        best_f_res = per_image_residual(g)
+        dZ: list[Tensor] = []
+        dG: list[Tensor] = []
+        z_prev, g_prev = z, g
+        z = fz  # the first update is the plain fixed point (DDIM inversion)
+        for k in range(cfg.iterations):
+            if track.all_done:
+                break
+            fz = step.f(z)
+            g = fz - z
+            res = track.offer(z, -g, is_seed=k == 0)
+            improved = res <= best_f_res
+            best_f[improved] = fz[improved]
+            best_f_res = torch.where(improved, res, best_f_res)
+            if k + 1 == cfg.iterations:
+                break
+            dZ.append(flat(z - z_prev))
+            dG.append(flat(g - g_prev))
+            dZ, dG = dZ[-cfg.memory:], dG[-cfg.memory:]
+            Zm, Gm = torch.stack(dZ, 2), torch.stack(dG, 2)  # [B, D, m]
+            gamma = _lstsq_per_image(Gm, flat(g))
+            nxt = (flat(z) + flat(g) - ((Zm + Gm) @ gamma[..., None])[..., 0]).reshape(z.shape).to(z)
+            # safeguard: an image whose residual grew takes the fixed-point update of its best iterate
+            nxt = torch.where(_per_image(~improved, z).bool(), best_f, nxt)
+            z_prev, g_prev = z, g
+            z = track.step(z, nxt)
+    return track.result()
+
+
+def _jvp(step: _Step, z: Tensor, fz: Tensor, v: Tensor, how: str, grad_context: GradContext) -> Tensor:
+    """J v with J = df/dz at z: forward-mode autograd through the model, or a finite difference
+    (f(z + h v) - f(z)) / h with h scaled to each image's size (one model call)."""
+    if how == "autograd":
+        with grad_context():
+            jv = torch.func.jvp(step.f, (z.detach(),), (v.detach(),))[1]
+        return jv.detach()
+    scale = z.flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-30)
+    h = _per_image(1e-3 * scale.clamp_min(1e-3), z)
+    with torch.no_grad():
+        return (step.f(z + h * v) - fz) / h
+
+
+def _gmres_per_image(matvec: Callable[[Tensor], Tensor], b: Tensor, m: int) -> Tensor:
+    """GMRES(m) from x = 0 for a batch of independent systems A x = b (b [B, ...]); ``matvec``
+    applies A to a batch. Arnoldi with per-image inner products; the small least-squares problem
+    min ||beta e1 - H y|| per image."""
+    B = b.shape[0]
+    flat = lambda t: t.reshape(B, -1).double()  # noqa: E731
+    beta = flat(b).norm(dim=1)
+    Q = [flat(b) / beta.clamp_min(1e-300)[:, None]]
+    H = torch.zeros(B, m + 1, m, dtype=torch.float64, device=b.device)
+    for j in range(m):
+        w = flat(matvec(Q[j].reshape(b.shape).to(b)))
+        for i in range(j + 1):
+            H[:, i, j] = (Q[i] * w).sum(1)
+            w = w - H[:, i, j, None] * Q[i]
+        H[:, j + 1, j] = w.norm(dim=1)
+        Q.append(w / H[:, j + 1, j].clamp_min(1e-300)[:, None])
+    e1 = torch.zeros(B, m + 1, dtype=torch.float64, device=b.device)
+    e1[:, 0] = beta
+    y = _lstsq_per_image(H, e1)
+    x = (torch.stack(Q[:m], 2) @ y[..., None])[..., 0]
+    return x.reshape(b.shape).to(b)
+
+
+def solve_newton_krylov(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
+    """Newton's method on r(z) = z - f(z) = 0 from the DDIM estimate z^1 = f(z_s): each update
+    solves (I - J) delta = -r(z) by GMRES with ``cfg.krylov`` Jacobian-vector products of f, then
+    z <- z + delta; every new iterate is evaluated (its residual decides the best iterate)."""
+    with torch.no_grad():
+        z = step.z_s.detach().clone()
+        fz = step.f(z)
+        track = _Track(z, z - fz, cfg.tol)
+        z = fz
+        fz = step.f(z)
+        track.offer(z, z - fz, is_seed=True)
+    for k in range(cfg.iterations):
+        if track.all_done:
             break
-        z = (z - cfg.lr * g.detach()).detach()
-    return best[1], hist, best[0]
+        r = z - fz
+        zk, fk = z, fz
+        delta = _gmres_per_image(lambda v: v - _jvp(step, zk, fk, v, cfg.jvp, grad_context), -r, cfg.krylov)
+        z = track.step(z, z + delta)
+        with torch.no_grad():
+            fz = step.f(z)
+            track.offer(z, z - fz)
+    return track.result()
 
 
 SOLVERS = {
     "rnri": solve_rnri,
+    "rnri_jacobian_free": solve_rnri_jacobian_free,
     "fixed_point": solve_fixed_point,
     "gradient_descent": solve_gradient_descent,
+    "anderson": solve_anderson,
+    "newton_krylov": solve_newton_krylov,
 }
 
 

@@ -74,15 +74,20 @@ def edit_mask(d: Tensor, thr: Tensor, radius: int = 1) -> Tensor:
 
 
 def slerp(alpha: float, a: Tensor, b: Tensor) -> Tensor:
-    """Spherical interpolation on the flattened tensors (alpha = 0 gives a, 1 gives b)."""
-    fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
-    cos = torch.clamp(torch.dot(fa, fb) / (fa.norm() * fb.norm() + 1e-12), -1.0, 1.0)
-    omega = torch.arccos(cos)
-    if float(omega) < 1e-6:
-        out = (1 - alpha) * fa + alpha * fb
-    else:
-        s = torch.sin(omega)
-        out = torch.sin((1 - alpha) * omega) / s * fa + torch.sin(alpha * omega) / s * fb
+    """Spherical interpolation per batch element (alpha = 0 gives a, 1 gives b): each image's
+    flattened embedding gets its own angle, so batch members never mix. b may have batch 1; a 1-D
+    tensor is one element."""
+    if a.dim() < 2:
+        return slerp(alpha, a[None], b[None])[0]
+    fa = a.reshape(a.shape[0], -1).double()
+    fb = b.reshape(b.shape[0], -1).double().expand_as(fa)
+    cos = torch.clamp((fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1) + 1e-12), -1.0, 1.0)
+    omega = torch.arccos(cos)[:, None]
+    s = torch.sin(omega)
+    small = omega < 1e-6
+    safe_s = torch.where(small, torch.ones_like(s), s)
+    curved = torch.sin((1 - alpha) * omega) / safe_s * fa + torch.sin(alpha * omega) / safe_s * fb
+    out = torch.where(small, (1 - alpha) * fa + alpha * fb, curved)
     return out.reshape(a.shape).to(a.dtype)
 
 

@@ -167,7 +167,7 @@ class DDIMInversion(io.ComfyNode):
         return _outputs(model, InversionResult(traj, src.grid, "ddim", guidance, {"model_calls": calls}), positive, negative)
 
 
-EXACT_METHODS = ["rnri", "rnri_jacobian_free", "fixed_point", "gradient_descent"]
+EXACT_METHODS = ["anderson", "newton_krylov", "fixed_point", "rnri", "rnri_jacobian_free", "gradient_descent"]
 
 
 class ExactInversion(io.ComfyNode):
@@ -175,42 +175,48 @@ class ExactInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InverseExactInversion",
-            display_name="Exact Inversion (RNRI / fixed-point / gradient)",
+            display_name="Exact Inversion (Anderson / Newton-Krylov / RNRI / fixed-point)",
             category=SUB,
             description=("Inverts by solving DDIM's implicit inversion equation z = f(z) at every step instead "
-                         "of approximating it (RNRI paper eq. 3). rnri: Regularized Newton-Raphson (eq. 7-8, "
-                         "gradients through the model); rnri_jacobian_free: the authors' code (no backward pass); "
-                         "fixed_point: AIDI/ReNoise iteration; gradient_descent: ExactDPM-style. Each step stops "
-                         "early once the residual is below the tolerance; the report lists the residuals."),
+                         "of approximating it (RNRI paper eq. 3). anderson (default, the most accurate per model "
+                         "call in bench/inversion.py): Anderson-accelerated fixed point; newton_krylov: Newton "
+                         "steps solved with GMRES on Jacobian-vector products; fixed_point: AIDI/ReNoise; rnri: "
+                         "Regularized Newton-Raphson (eq. 7-8, gradients through the model); rnri_jacobian_free: "
+                         "the authors' code (no backward pass, returns f(z^K)); gradient_descent: ExactDPM-style. "
+                         "Per image, each step stops early once the residual is below the tolerance and returns "
+                         "its best iterate; the report lists the residuals."),
             inputs=_source_inputs() + [
-                io.Combo.Input("method", options=EXACT_METHODS, default="rnri",
-                               tooltip="Solver for each step's implicit equation."),
+                io.Combo.Input("method", options=EXACT_METHODS, default="anderson",
+                               tooltip="Solver for each step's implicit equation (see the description)."),
                 io.Int.Input("iterations", default=2, min=0, max=100,
-                             tooltip="Most updates per step (RNRI: 2; fixed-point/gradient need more)."),
+                             tooltip="Most updates per step. Model calls per step: iterations + 1 (anderson, "
+                                     "fixed_point, rnri_jacobian_free; rnri adds a backward pass to each update); "
+                                     "newton_krylov: 2 + iterations x (krylov + 1)."),
                 io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
-                               tooltip="Stop a step once mean|z - f(z)| is below this."),
+                               tooltip="Stop an image's step once its mean|z - f(z)| is below this."),
                 io.Float.Input("lambda_prior", default=0.1, min=0.0, max=10.0, step=0.01,
-                               tooltip="RNRI's weight of the Gaussian prior of the forward step (eq. 7; paper: 0.1)."),
+                               tooltip="RNRI's weight of the Gaussian prior of the forward step (eq. 7; paper: "
+                                       "0.1). Used by rnri and rnri_jacobian_free only."),
                 io.Int.Input("adjust_rounds", default=0, min=0, max=10,
                              tooltip="Prompt-aware adjustment (RNRI sec. 4.2): rounds of noising 2 steps and "
                                      "denoising them with the prompt before inverting; 2 helps at high guidance."),
+                io.Int.Input("krylov", default=3, min=1, max=20, optional=True,
+                             tooltip="newton_krylov only: GMRES iterations (Jacobian-vector products) per update."),
             ],
             outputs=_result_outputs(),
         )
 
     @classmethod
     def execute(cls, model, positive, steps, guidance, spacing, method, iterations, tolerance, lambda_prior,
-                adjust_rounds, negative=None, latent=None, image=None, vae=None) -> io.NodeOutput:
+                adjust_rounds, negative=None, latent=None, image=None, vae=None, krylov=3) -> io.NodeOutput:
         if method not in EXACT_METHODS:
             raise glue.InverseInputError(f"method: choose one of {', '.join(EXACT_METHODS)}.")
         src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
-        cfg = inv.SolverConfig(iterations=iterations, tol=tolerance, lam=lambda_prior,
-                               jacobian_free=method == "rnri_jacobian_free")
-        solver = "rnri" if method.startswith("rnri") else method
+        cfg = inv.SolverConfig(iterations=iterations, tol=tolerance, lam=lambda_prior, krylov=krylov)
 
         def run(pred, z0):
             z0 = inv.prompt_aware_adjust(pred, z0, src.grid, "positive", src.uncond, guidance, rounds=adjust_rounds)
-            traj, rep = inv.iterative_invert(pred, z0, src.grid, "positive", src.uncond, guidance, solver, cfg,
+            traj, rep = inv.iterative_invert(pred, z0, src.grid, "positive", src.uncond, guidance, method, cfg,
                                              callback=src.progress, grad_context=pred.autograd)
             return _cpu(traj), rep, pred.calls, pred.grad_calls
 

@@ -47,6 +47,17 @@ def test_slerp_endpoints_and_norm():
     assert float(proxedit.slerp(0.5, a, b).norm()) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_slerp_is_per_image():
+    """Review defect 2: one angle over the whole flattened batch coupled the images."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 77, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    both = proxedit.slerp(0.3, a, b)
+    for i in range(2):
+        assert torch.allclose(both[i:i + 1], proxedit.slerp(0.3, a[i:i + 1], b[i:i + 1]), atol=1e-6)
+    assert torch.allclose(proxedit.slerp(0.3, a, b[:1]), torch.cat([proxedit.slerp(0.3, a[i:i + 1], b[:1])
+                                                                      for i in range(2)]), atol=1e-6)
+
+
 def _setup(steps=20):
     model, ac, z0 = _reference(components=1)
     from comfyui_inverse.core.reference import MixturePrior
