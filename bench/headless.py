@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import provision  # noqa: E402
 import run_workflow  # noqa: E402
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry",
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry",
           "retina")
 
 
@@ -38,7 +38,9 @@ def make_photos(folder: Path, size: int) -> list[Path]:
 
     paths = []
     for name in PHOTOS:
-        img = Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").resize((size * 2, size * 2))
+        arr = getattr(data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs: the left view
+        img = Image.fromarray(np.asarray(arr)).convert("RGB").resize((size * 2, size * 2))
         img.save(folder / f"{name}.png")
         paths.append(folder / f"{name}.png")
     return paths

@@ -109,7 +109,8 @@ def run(method, model, decode, encode, op, y, grid, like, seed, mean=None, std=N
             z, _ = rs.ldps(pred, decode, op, y, grid, "c", zT, zeta=kw.get("zeta", 1.0),
                            gamma=0.1 if method == "psld" else 0.0, encode=encode, generator=g)
         elif method == "stsl":
-            z, _ = rs.stsl(pred, decode, encode, op, y, grid, "c", like, lr=kw.get("lr", 0.01), generator=g)
+            z, _, _ = rs.stsl(pred, decode, encode, op, y, grid, "c", like, lr=kw.get("lr", 0.01), generator=g,
+                              start=kw.get("start", "adjoint"))
         elif method == "p2l":
             z, _, _, _ = rs.p2l(pred, decode, encode, op, y, grid, lambda C: MP.gaussian(C, std), mean.float(), zT,
                                 rho=kw.get("zeta", 1.0), prompt_steps=1, prompt_lr=1e-2, project_every=4,

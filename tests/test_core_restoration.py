@@ -64,9 +64,11 @@ def test_stsl_lands_closer_to_the_posterior_mean_than_ldps():
     post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), 0.7, 0.05)
     ident = lambda v: v  # noqa: E731
     model.calls = 0
-    z, res = rs.stsl(model, ident, ident, op, y, grid, "c", torch.zeros(1, 4, 16, 16),
-                     generator=torch.Generator().manual_seed(0))
-    assert model.calls == 50 * 6 and len(res) == 50 and res[-1] < res[0]
+    z, res, nfe = rs.stsl(model, ident, ident, op, y, grid, "c", torch.zeros(1, 4, 16, 16),
+                          generator=torch.Generator().manual_seed(0))
+    # review defect 4: K = 5 batched evaluations per step, 250 at 50 steps as the paper counts, each
+    # with z and N = 2 perturbed copies
+    assert model.calls == 50 * 5 == nfe and model.evaluations == 250 and len(res) == 50 and res[-1] < res[0]
     unguided = ddim.ddim_sample(model, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), grid, "c")[-1]
     assert _residual(op, y, z) < 0.5 * _residual(op, y, unguided)
     zl, _ = rs.ldps(model, ident, op, y, grid, "c", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
@@ -115,3 +117,74 @@ def test_p2l_tunes_the_embedding_and_lowers_the_data_loss():
     assert sum(a < b for a, b in zip(after, before)) >= 0.9 * len(before)   # tuning lowers the data loss
     unguided = ddim.ddim_sample(model, zT, grid, make(C0))[-1]
     assert _residual(op, y, z) < 0.25 * _residual(op, y, unguided)
+
+
+def _glue_ops(H=32, W=32):
+    return {
+        "sr_avgpool_x4": (ops.AvgPoolSR(4), 1e-5),
+        "inpaint_random": (ops.Inpaint(ops.random_mask(H, W, 0.5, seed=1)), 1e-5),
+        "inpaint_box": (ops.Inpaint(ops.box_mask(H, W, 0.4)), 1e-5),
+        "sr_bicubic_x4": (ops.BicubicSR(4), 1e-3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_glue_ops()))
+def test_psld_gluing_is_a_projection_onto_the_measurements(name):
+    """Review defect 3: A^T y + (I - A^T A) x is a projection only when A A^T = I; the
+    pseudo-inverse gluing lands on A x = y for every operator with A A^T invertible."""
+    op, tol = _glue_ops()[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = op.A(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64))
+    glued = rs.glue(op, y, x, iters=50)
+    assert float((op.A(glued) - y).norm() / y.norm()) < tol
+    again = rs.glue(op, y, glued, iters=50)  # a projection: idempotent
+    assert float((again - glued).norm() / glued.norm()) < 10 * tol
+    if name == "sr_avgpool_x4":
+        old = op.At(y, x) + x - op.At(op.A(x), x)
+        assert float((op.A(old) - y).norm() / y.norm()) > 0.5  # what the old formula left
+
+
+def test_psld_gluing_closes_most_of_a_blur_residual():
+    """Blur's A A^T is nearly singular (the kernel's spectrum vanishes at high frequencies): no
+    exact projection, but the conjugate-gradient gluing removes most of the residual."""
+    op = ops.Blur(ops.gaussian_kernel(9, 1.0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = op.A(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64))
+    before = float((op.A(x) - y).norm())
+    after = float((op.A(rs.glue(op, y, x, iters=50)) - y).norm())
+    assert after < 0.2 * before, (before, after)
+
+
+def test_p2l_projection_keeps_the_ldps_correction_and_the_sampler_noise():
+    """Review defect 5: a projection that changes nothing (a huge proximal weight, identity
+    coders) must leave the run as it is: the LDPS-corrected latent is what gets projected, and
+    the re-noised z_{t-1} keeps its eps and its sigma n (eta = 0.8, the paper's setting)."""
+    model, op, y, grid, mean = _problem("sr")
+    ident = lambda v: v  # noqa: E731
+    make = lambda C: MixturePrior.gaussian(C, 0.7)  # noqa: E731
+    zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    def run(project_every):
+        return rs.p2l(model, ident, ident, op, y, grid, make, torch.zeros_like(mean).float(), zT, rho=1.0,
+                      eta=0.8, prompt_steps=0, project_every=project_every, cg_lambda=1e9, cg_iters=2,
+                      generator=torch.Generator().manual_seed(9))[0]
+
+    plain, projected = run(0), run(1)
+    assert float((projected - plain).norm() / plain.norm()) < 1e-4
+
+
+def test_stsl_start_is_the_adjoint_scaled_to_a_pseudo_inverse_without_amplifying_noise():
+    """STSL's E(A^T y) start: for average pooling the scaled adjoint is the upsampled image (A^+ y);
+    for a 61-px motion blur it keeps the measurement noise at its level, where the regularised
+    back-projection amplifies it (review defect 4)."""
+    g = torch.Generator().manual_seed(0)
+    like = torch.zeros(1, 3, 64, 64)
+    sr = ops.AvgPoolSR(4)
+    y = torch.randn(1, 3, 16, 16, generator=g)
+    assert torch.allclose(rs.scaled_adjoint(sr, y, like), torch.nn.functional.interpolate(y, scale_factor=4), atol=1e-5)
+    blur = ops.Blur(ops.motion_kernel(61, 0.5, seed=3))
+    n = 0.05 * torch.randn(blur.A(like).shape, generator=g)
+    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    assert rms(rs.scaled_adjoint(blur, n, like)) <= 0.05 < 0.5 * rms(rs.back_project(blur, n, like))
