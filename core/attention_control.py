@@ -138,12 +138,13 @@ class PromptToPrompt:
 class MutualSelfAttention:
     """MasaCtrl: from sampling step ``start_step`` and self-attention layer ``start_layer`` (in the
     model's forward order; 10 of SD1.x's 16 is the decoder's 32x32 and 64x64 layers) on, the target
-    branch attends with ``strategy`` and the base branch with ``base_strategy``."""
+    branch attends with ``strategy`` and the base branch with ``base_strategy`` (default "source":
+    MasaCtrl's code edits both CFG halves, and ProxEdit supplement E uses "source" for both noises)."""
 
     start_step: int = 4
     start_layer: int = 10
     strategy: str = "source"
-    base_strategy: str = "none"
+    base_strategy: str = "source"
 
     def __post_init__(self):
         for s in (self.strategy, self.base_strategy):
@@ -243,8 +244,22 @@ def _steps_window(window: tuple[float, float], step: int, total: int) -> bool:
 
 @dataclass
 class _Blend:
-    src: list = field(default_factory=list)
-    tar: list = field(default_factory=list)
+    """LocalBlend's attention store: per branch and map resolution (downsample factor), the running
+    sum of the word maps over every layer call and step so far, and how many were added (P2P's code
+    sums its AttentionStore over the steps and blends with that). ``seen`` counts this step's maps."""
+    src: dict = field(default_factory=dict)
+    tar: dict = field(default_factory=dict)
+    seen: int = 0
+
+    def add(self, side: str, factor: int, m: Tensor) -> None:
+        store = self.src if side == "src" else self.tar
+        total, count = store.get(factor, (0.0, 0))
+        store[factor] = (m.detach().float() + total, count + 1)
+        self.seen += 1
+
+    def mean(self, side: str, factor: int) -> Tensor:
+        total, count = (self.src if side == "src" else self.tar)[factor]
+        return total / count
 
 
 class AttentionController:
@@ -269,9 +284,11 @@ class AttentionController:
 
     # loop protocol --------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
+        if int(step) < self.step:  # a new run with the same controller: a fresh attention store
+            self.blend = _Blend()
         self.step = int(step)
         self.store.clear()
-        self.blend = _Blend()
+        self.blend.seen = 0
 
     def capture(self, roles: Sequence) -> None:
         self.mode, self.roles = "capture", tuple(roles)
@@ -304,9 +321,13 @@ class AttentionController:
         return (self.p2p is not None and self.p2p.blends
                 and self.step >= int(self.p2p.blend_start * self.total))
 
+    def blend_recording(self) -> bool:
+        """LocalBlend's maps are stored from the first step on (its mask is their running mean)."""
+        return self.p2p is not None and self.p2p.blends
+
     def active(self) -> bool:
         """Whether this step needs the source branch at all."""
-        if self.p2p is not None and (self.cross_active() or self.blend_active()
+        if self.p2p is not None and (self.cross_active() or self.blend_recording()
                                      or _steps_window(self.p2p.self_steps, self.step, self.total)):
             return True
         return self.masa is not None and self.step >= self.masa.start_step
@@ -333,7 +354,7 @@ class AttentionController:
 
     def _blend_layer(self, n_queries: int, latent_hw) -> Optional[tuple[int, tuple[int, int]]]:
         """(downsample factor, map size) of a cross-attention layer whose maps LocalBlend records."""
-        if latent_hw is None or not self.blend_active():
+        if latent_hw is None or not self.blend_recording():
             return None
         for f in (1, 2, 4, 8, 16, 32, 64):
             h, w = math.ceil(latent_hw[0] / f), math.ceil(latent_hw[1] / f)
@@ -361,7 +382,7 @@ class AttentionController:
             if self.cross_active():
                 self.store[("cross", key)] = p
             if hw is not None:
-                self.blend.src.append(self._word_map(p, self.p2p.blend_source, hw))
+                self.blend.add("src", *self._word_map(p, self.p2p.blend_source, hw))
             return apply_probs(p, v, heads)
         return self.attention(q, k, v, heads)
 
@@ -394,7 +415,7 @@ class AttentionController:
             raise ValueError(f"attention control was built for {self.p2p.context_length} context tokens, the model "
                              f"attends to {p.shape[-1]}; long prompts (over 75 tokens) are not supported")
         if hw is not None:
-            self.blend.tar.append(self._word_map(p, self.p2p.blend_target, hw))
+            self.blend.add("tar", *self._word_map(p, self.p2p.blend_target, hw))
         if self.cross_active():
             p = p2p_cross_probs(self._stored(("cross", key)), p, self.p2p)
             self.edited_calls += 1
@@ -402,19 +423,19 @@ class AttentionController:
 
     # LocalBlend -----------------------------------------------------------------------------
     def blend_latent(self, z: Tensor, z_src: Tensor) -> Tensor:
-        """After a step: z <- z_src + M (z - z_src) with the LocalBlend mask M of this step."""
+        """After a step: z <- z_src + M (z - z_src), M the LocalBlend mask of the word maps' running
+        mean over every step so far (P2P's attention store)."""
         if not self.blend_active():
             return z
-        if not self.blend.src or not self.blend.tar:
+        if not self.blend.seen:
             raise RuntimeError("LocalBlend: no cross-attention maps were seen in this step")
         # the maps of the layers nearest to 1/blend_downsample of the latent (P2P: the 16x16 maps of
-        # a 64x64 latent), averaged over those layers
-        factors = sorted({f for f, _ in self.blend.src} & {f for f, _ in self.blend.tar},
+        # a 64x64 latent), averaged over those layers and the steps
+        factors = sorted(set(self.blend.src) & set(self.blend.tar),
                          key=lambda f: (abs(math.log(f / self.p2p.blend_downsample)), -f))
         if not factors:
             raise RuntimeError("LocalBlend: the source and target branches shared no cross-attention resolution")
         f = factors[0]
-        src = torch.stack([m for g, m in self.blend.src if g == f]).mean(0)
-        tar = torch.stack([m for g, m in self.blend.tar if g == f]).mean(0)
-        m = local_blend_mask(src, tar, tuple(z.shape[-2:]), self.p2p.blend_threshold, self.p2p.blend_dilation)
+        m = local_blend_mask(self.blend.mean("src", f), self.blend.mean("tar", f), tuple(z.shape[-2:]),
+                             self.p2p.blend_threshold, self.p2p.blend_dilation)
         return z_src + m.to(z) * (z - z_src)

@@ -480,13 +480,22 @@ def ddpm_posterior(z: Tensor, eps: Tensor, a_t: float, a_s: float, eta: float = 
     return mean, sigma
 
 
+def apply_noise_map(mean: Tensor, sigma: float, noise_map: Tensor) -> Tensor:
+    """x_s = mu_t + sigma_t z_t with a stored noise map (z_t itself where sigma_t = 0), in float64 and
+    back to the mean's dtype, so that a map from :func:`ddpm_invert` gives back its level exactly."""
+    x = mean.double() + (sigma if sigma > 0 else 1.0) * noise_map.to(mean.device, torch.float64)
+    return x.to(mean.dtype)
+
+
 def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
                 guidance: float = 1.0, generator: Optional[torch.Generator] = None,
                 callback: StepCallback = None) -> tuple[list[Tensor], list[Tensor]]:
     """Edit-friendly DDPM inversion: independent forward samples x_t = sqrt(a_t) x0 + sqrt(1-a_t) n_t
     at every level, then per step the noise map z_t = (x_s - mu_t(x_t)) / sigma_t that makes the
     DDPM step reproduce x_s exactly. Where sigma_t = 0 (the last step onto a clean level) the map is
-    the plain residual x_s - mu_t. Returns (levels in inversion order, noise maps in sampling order)."""
+    the plain residual x_s - mu_t. The maps are float64: sampling with them then reproduces every
+    float32 level exactly, so the reconstruction is exact at any number of steps and guidance.
+    Returns (levels in inversion order, noise maps in sampling order)."""
     ts, ab = grid.timesteps, grid.alphas_cumprod
     z0 = z0.float()
     rev_ab = ab[::-1]
@@ -499,7 +508,9 @@ def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond:
     for i in range(grid.steps):
         eps = guided_eps(predictor, levels[i], ts[i], cond, uncond, guidance).float()
         mean, sigma = ddpm_posterior(levels[i], eps, ab[i], ab[i + 1])
-        maps.append((levels[i + 1] - mean) / (sigma if sigma > 0 else 1.0))
+        # float64, so that mean + sigma z gives back the float32 x_s bit for bit when sampling:
+        # a rounding here is amplified by the guided model at every later step
+        maps.append((levels[i + 1].double() - mean.double()) / (sigma if sigma > 0 else 1.0))
         if callback is not None:
             callback(i, grid.steps, levels[i + 1])
     return xs, maps
@@ -517,7 +528,7 @@ def ddpm_sample(predictor: NoisePredictor, x_start: Tensor, grid: TimestepGrid, 
     for i in range(start_step, grid.steps):
         eps = guided_eps(predictor, x, ts[i], cond, uncond, guidance).float()
         mean, sigma = ddpm_posterior(x, eps, ab[i], ab[i + 1])
-        x = mean + (sigma if sigma > 0 else 1.0) * noise_maps[i].to(x)
+        x = apply_noise_map(mean, sigma, noise_maps[i])
         if mask is not None:
             x = mask * x + (1.0 - mask) * keep[i + 1].to(x)
         traj.append(x)

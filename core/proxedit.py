@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .attention_control import BASE, SOURCE, SOURCE_BASE, TARGET, AttentionController
 from .ddim import ddim_step, predicted_x0
-from .inversion import ddpm_posterior
+from .inversion import apply_noise_map, ddpm_posterior
 from .protocols import NoisePredictor, StepCallback
 from .result import InversionResult
 
@@ -169,7 +169,7 @@ def edit_step(predictor: NoisePredictor, result: InversionResult, z: Tensor, i: 
         z_next, eps_ddpm = ddim_step(z, eps, ab_t, ab_s), eps
     if noise is not None:
         mean, sigma = ddpm_posterior(z, eps_ddpm, ab_t, ab_s)
-        z_next = mean + (sigma if sigma > 0 else 1.0) * noise.to(z)
+        z_next = apply_noise_map(mean, sigma, noise)
     if cfg.inversion_guidance > 0 and guided:
         z_next = z_next - cfg.inversion_guidance * unedited * (z_next - keep[i + 1].to(z))
     if control is not None:

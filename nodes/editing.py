@@ -163,9 +163,11 @@ class MasaCtrl(io.ComfyNode):
                 io.Combo.Input("strategy", options=list(ac.MASA_STRATEGIES), default="source",
                                tooltip="What the target branch's queries attend to: source keys/values (paper default), "
                                        "both branches' (joint) or its own (none)."),
-                io.Combo.Input("base_strategy", options=list(ac.MASA_STRATEGIES), default="none",
-                               tooltip="The same for the base (unconditional) branch; the supplement finds 'joint' or "
-                                       "'none' sometimes better there; 'none' leaves it untouched."),
+                io.Combo.Input("base_strategy", options=list(ac.MASA_STRATEGIES), default="source",
+                               tooltip="The same for the base (unconditional) branch. Default 'source', as MasaCtrl's "
+                                       "code (both CFG halves) and ProxEdit supplement E (alpha = 1 with 'source' for "
+                                       "both noises); the supplement finds 'joint' or 'none' occasionally better "
+                                       "there; 'none' leaves the base branch untouched (one model evaluation less)."),
                 AttentionControl.Input("attention_control", optional=True,
                                        tooltip="A Prompt-to-Prompt control to combine with (cross-attention from it, "
                                                "self-attention from MasaCtrl once active)."),

@@ -329,7 +329,7 @@ class DDPMInversion(io.ComfyNode):
             gen = torch.Generator().manual_seed(int(seed))
             xs, maps = inv.ddpm_invert(pred, z0, src.grid, "positive", src.uncond, guidance, gen,
                                        callback=src.progress)
-            return _cpu(xs), _cpu(maps), pred.calls
+            return _cpu(xs), [m.detach().cpu() for m in maps], pred.calls  # the maps stay float64
 
         traj, maps, calls = src.run(run)
         extras = {"model_calls": calls, "noise_maps": maps, "seed": int(seed)}

@@ -559,12 +559,14 @@ def _invert_and_sample(pack, loaded, node, sample_guidance, **kw):
     return lat["samples"], result, rec["samples"], out[3]
 
 
-def test_ddpm_inversion_reconstructs_exactly_through_comfyui(pack, loaded):
-    for guidance, steps in ((3.5, 20), (1.0, 4)):
-        z0, res, rec, report = _invert_and_sample(pack, loaded, "DDPMInversion", guidance, steps=steps,
-                                                  guidance=guidance, spacing="auto", seed=3)
-        assert res.method == "ddpm" and len(res.extras["noise_maps"]) == steps
-        assert _rel(rec, z0) < 1e-4, (guidance, steps, _rel(rec, z0))  # float32 rounding, amplified by CFG
+@pytest.mark.parametrize("guidance,steps", [(3.5, 50), (7.5, 50), (1.0, 4)])
+def test_ddpm_inversion_reconstructs_exactly_through_comfyui(pack, loaded, guidance, steps):
+    """Exact by construction, so exact at any steps and guidance (review defect 10: float32 rounding
+    of mean + sigma z compounded through the guided model to 1.8e-3 at 50 steps)."""
+    z0, res, rec, report = _invert_and_sample(pack, loaded, "DDPMInversion", guidance, steps=steps,
+                                              guidance=guidance, spacing="auto", seed=3)
+    assert res.method == "ddpm" and len(res.extras["noise_maps"]) == steps
+    assert _rel(rec, z0) <= 1e-5, (guidance, steps, _rel(rec, z0))
 
 
 def test_negative_prompt_inversion_reconstructs_at_any_guidance(pack, loaded):
@@ -809,7 +811,7 @@ def test_attention_hooks_change_only_the_conditional_target_branch(pack, glue, l
     ac = _ac(pack)
     proxedit = importlib.import_module(pack.__name__ + ".core.proxedit")
     control, src, tar = _p2p_node(pack, loaded)
-    control = control.combine(ac.AttentionControl(masactrl=ac.MutualSelfAttention(0, 0)))
+    control = control.combine(ac.AttentionControl(masactrl=ac.MutualSelfAttention(0, 0, base_strategy="none")))
     options_before = repr(model.model_options)
     ctl = ac.AttentionController(control, 10)
     patched = glue.with_attention_control(model, ctl)

@@ -95,7 +95,7 @@ def test_self_attention_replacement_only_on_small_maps_and_early_steps():
 
 @pytest.mark.parametrize("strategy", ["source", "joint", "none"])
 def test_masactrl_strategies(strategy):
-    masa = ac.MutualSelfAttention(start_step=2, start_layer=1, strategy=strategy)
+    masa = ac.MutualSelfAttention(start_step=2, start_layer=1, strategy=strategy, base_strategy="none")
     ctl = ac.AttentionController(ac.AttentionControl(masactrl=masa), 10)
     qs, ks, vs = _qkv(0)
     qt, kt, vt = _qkv(1)
@@ -171,7 +171,7 @@ def test_hooks_change_only_the_conditional_target_branch_in_the_model():
     z_src, z = res.trajectory[3], res.trajectory[3] + 0.3
     plain = model(z, 500, ["src", "tar"])
     model.controller = ctl = ac.AttentionController(
-        ac.AttentionControl(p2p=_p2p(), masactrl=ac.MutualSelfAttention(0, 0)), 10)
+        ac.AttentionControl(p2p=_p2p(), masactrl=ac.MutualSelfAttention(0, 0, base_strategy="none")), 10)
     e_base, e_tar = proxedit.edit_predict(model, z, z_src, 500, "src", "tar", ctl, "src", step=0)
     assert torch.allclose(e_base, plain[0], atol=1e-5)
     assert (e_tar - plain[1]).abs().max() > 1e-3
@@ -194,7 +194,7 @@ def test_edit_with_control_costs_one_extra_call_per_controlled_step_and_local_bl
     blend_s[2] = blend_t[2] = 1.0
     p2p = ac.PromptToPrompt("replace", mapper, alphas, cross_steps=(0.0, 0.8), self_steps=(0.0, 0.4),
                             blend_source=blend_s, blend_target=blend_t, blend_start=0.0, blend_downsample=1,
-                            blend_threshold=0.6, blend_dilation=0)
+                            blend_threshold=0.9, blend_dilation=0)  # the toy's running-mean maps are flat
     model.controller = ctl = ac.AttentionController(ac.AttentionControl(p2p=p2p), 10)
     model.calls = 0
     cfg = proxedit.ProxConfig(guidance=7.5, quantile=0.5)
@@ -205,3 +205,44 @@ def test_edit_with_control_costs_one_extra_call_per_controlled_step_and_local_bl
     model.controller = None
     free = proxedit.prox_edit(model, res, "src", "tar", cfg)[-1]
     assert (edit - free).abs().max() > 1e-3
+
+
+def test_local_blend_uses_the_running_mean_of_the_maps_over_the_steps():
+    """Review defect 6: P2P's code blends with its attention store, the maps summed over every
+    step so far; a mask from the current step's maps alone differs."""
+    blend = torch.zeros(T)
+    blend[2] = 1.0
+    ctl = ac.AttentionController(ac.AttentionControl(p2p=_p2p(blend_source=blend, blend_target=blend,
+                                                              blend_start=0.75, blend_threshold=0.5,
+                                                              blend_dilation=0, blend_downsample=1)), 4)
+    maps = []
+    for step in range(4):  # the word's map moves: left half for steps 0-2, the right edge at step 3
+        m = torch.zeros(1, 1, 8, 8)
+        if step < 3:
+            m[..., :4] = 1.0
+        else:
+            m[..., 7:] = 1.0
+        maps.append(m)
+        ctl.begin_step(step)
+        ctl.blend.add("src", 1, m)
+        ctl.blend.add("tar", 1, m)
+    z_src, z = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
+    out = ctl.blend_latent(z, z_src)
+    mean = torch.stack(maps).mean(0)
+    expected = ac.local_blend_mask(mean, mean, (8, 8), 0.5, 0)
+    assert torch.equal(out[:, :1], expected)
+    assert not torch.equal(expected, ac.local_blend_mask(maps[-1], maps[-1], (8, 8), 0.5, 0))
+    ctl.begin_step(0)  # a new run starts a new attention store
+    assert not ctl.blend.src
+
+
+def test_masactrl_edits_both_cfg_branches_by_default():
+    """Review defect 7: MasaCtrl's code and ProxEdit supplement E inject the source's keys/values
+    into the unconditional (base) branch too."""
+    assert ac.MutualSelfAttention().base_strategy == "source"
+    model, res, _ = _toy()
+    z_src, z = res.trajectory[3], res.trajectory[3] + 0.3
+    plain = model(z, 500, ["src", "tar"])
+    model.controller = ctl = ac.AttentionController(ac.AttentionControl(masactrl=ac.MutualSelfAttention(0, 0)), 10)
+    e_base, e_tar = proxedit.edit_predict(model, z, z_src, 500, "src", "tar", ctl, "src", step=0)
+    assert (e_base - plain[0]).abs().max() > 1e-3 and (e_tar - plain[1]).abs().max() > 1e-3
