@@ -16,6 +16,10 @@
     tiled (core/tiling.py): bytes autograd keeps and peak RSS growth.
 (a) plumbing: the Restore node through the real ComfyUI glue with the tiny random-weight SD1.5
     checkpoint: cost and consistency (its images mean nothing).
+(f) fidelity fixes: PSLD on protocol (c)'s x4 SR with the pseudo-inverse gluing against the old
+    A^T y + (I - A^T A) x (reproduced here only), the gluing step's own ||A(glued) - y|| / ||y||,
+    STSL's model evaluations per step against the paper's count (K), and the noise each STSL
+    start carries for a 61-px motion blur.
 
 For every run: measurement consistency ||y - A(x_hat)|| / (sigma_y sqrt(m)) (1 = the noise level),
 PSNR, model calls, seconds and peak memory (RSS growth sampled every 5 ms; CUDA peak when on a
@@ -144,6 +148,48 @@ def calls_to_reach(target, curve):
 
 
 # ------------------------------------------------------------------------------------------------
+def protocol_f(quick: bool) -> dict:
+    ops, rs, schedule, GMD, MP = _pack()
+    steps, seeds = (20, [0]) if quick else (50, [0, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 4, 16, 16)
+    mean = torch.randn(shape[1:], generator=g, dtype=torch.float64) * 0.5
+    s, sy = 0.7, 0.05
+    x_true = (mean[None] + s * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    ac, grid = grid_for(steps)
+    model = GMD({"c": MP.gaussian(mean, s)}, ac)
+    ident = lambda v: v  # noqa: E731
+    op = ops.AvgPoolSR(4, sy)
+    y = op.measure(x_true, torch.Generator().manual_seed(7))
+    x = (mean[None] + s * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    rel = lambda v: float((op.A(v) - y).norm() / y.norm())  # noqa: E731
+    out = {"glue_step_residual": {"no_gluing": round(rel(x), 4),
+                                  "old_AT_formula": round(rel(op.At(y, x) + x - op.At(op.A(x), x)), 4),
+                                  "pseudo_inverse": round(rel(rs.glue(op, y, x)), 6)}}
+    new_glue = rs.glue
+    psld = {}
+    for label, fn in (("pseudo_inverse", new_glue),
+                      ("old_AT_formula", lambda op_, y_, x_, iters=10: op_.At(y_, x_) + x_ - op_.At(op_.A(x_), x_))):
+        rs.glue = fn
+        try:
+            zs = [run("psld", model, ident, ident, op, y, grid, x_true, 100 + sd)[0] for sd in seeds]
+        finally:
+            rs.glue = new_glue
+        psld[label] = round(sum(consistency(op, y, z) for z in zs) / len(zs), 3)
+    out["psld_sr_x4_consistency"] = psld
+    z, st = run("stsl", model, ident, ident, op, y, grid, x_true, 100)
+    out["stsl_evaluations_per_step"] = {"measured": st["model_calls"] / steps, "paper_K": 5,
+                                        "total": st["model_calls"], "paper_total_at_50_steps": 250}
+    blur = ops.Blur(ops.motion_kernel(61, 0.5, seed=3))
+    like = torch.zeros(1, 3, 128, 128)
+    n = 0.05 * torch.randn(blur.A(like).shape, generator=g)
+    rms = lambda t: round(float(t.pow(2).mean().sqrt()), 4)  # noqa: E731
+    out["stsl_start_noise_motion_blur_61"] = {"sigma_y": 0.05, "adjoint_scaled": rms(rs.scaled_adjoint(blur, n, like)),
+                                             "back_projection": rms(rs.back_project(blur, n, like))}
+    print("(f) " + json.dumps(out), flush=True)
+    return out
+
+
 def protocol_c(quick: bool) -> dict:
     ops, rs, schedule, GMD, MP = _pack()
     steps = 20 if quick else 50
@@ -346,7 +392,7 @@ def protocol_a(quick: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="under a minute")
-    ap.add_argument("--protocols", default="cbma", help="c, b, a and m (decoder memory)")
+    ap.add_argument("--protocols", default="fcbma", help="f (fidelity fixes), c, b, a and m (decoder memory)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker:
@@ -356,7 +402,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = {"quick": args.quick}
     t0 = time.perf_counter()
-    for p, fn in (("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a)):
+    for p, fn in (("f", protocol_f), ("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a)):
         if p in args.protocols:
             results[p] = fn(args.quick)
     results["seconds"] = round(time.perf_counter() - t0, 1)
