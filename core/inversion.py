@@ -146,7 +146,7 @@ class _Track:
         measured residual then replaces the bound). Returns the per-image residual."""
         res = per_image_residual(r)
         live = ~self.done
-        take = live & torch.isfinite(res) & ((res < self.res) | torch.tensor(is_seed))
+        take = live & torch.isfinite(res) & ((res < self.res) | is_seed)
         self.z[take] = z.detach()[take].to(self.z)
         self.res[take] = res[take]
         self.hist.append(float(torch.where(live, res, self.res).mean()))
@@ -251,14 +251,21 @@ def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradCon
     return track.result()
 
 
+def _wide(t: Tensor) -> Tensor:
+    """The solvers' inner products in float64, or float32 where the device has no float64 (MPS)."""
+    return t.float() if t.device.type == "mps" else t.double()
+
+
 def _lstsq_per_image(A: Tensor, b: Tensor) -> Tensor:
-    """argmin_x ||A x - b|| for a batch of small systems A [B, n, m], b [B, n], in float64 with a
-    tiny Tikhonov term so that dependent columns stay finite."""
-    A64, b64 = A.double(), b.double()
-    AtA = A64.transpose(1, 2) @ A64
+    """argmin_x ||A x - b|| for a batch of small systems A [B, n, m], b [B, n]: the normal equations
+    (Gram matrices on A's device), solved in float64 on the CPU with a tiny Tikhonov term so that
+    dependent columns stay finite. Returns x [B, m] on A's device, in A's dtype."""
+    A, b = _wide(A), _wide(b)
+    AtA = (A.transpose(1, 2) @ A).cpu().double()
+    Atb = (A.transpose(1, 2) @ b[..., None]).cpu().double()
     reg = 1e-10 * AtA.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
-    AtA = AtA + reg[:, None, None] * torch.eye(A.shape[2], dtype=torch.float64, device=A.device)
-    return torch.linalg.solve(AtA, (A64.transpose(1, 2) @ b64[..., None]))[..., 0]
+    AtA = AtA + reg[:, None, None] * torch.eye(A.shape[2], dtype=torch.float64)
+    return torch.linalg.solve(AtA, Atb)[..., 0].to(A.device, A.dtype)
 
 
 def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
@@ -272,7 +279,7 @@ def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) ->
         g = fz - z
         track = _Track(z, -g, cfg.tol)
         B = z.shape[0]
-        flat = lambda t: t.reshape(B, -1).double()  # noqa: E731
+        flat = lambda t: _wide(t.reshape(B, -1))  # noqa: E731
         best_f = fz.clone()  # f at each image's best evaluated iterate (its fixed-point update)
         best_f_res = per_image_residual(g)
         dZ: list[Tensor] = []
@@ -321,18 +328,19 @@ def _gmres_per_image(matvec: Callable[[Tensor], Tensor], b: Tensor, m: int) -> T
     applies A to a batch. Arnoldi with per-image inner products; the small least-squares problem
     min ||beta e1 - H y|| per image."""
     B = b.shape[0]
-    flat = lambda t: t.reshape(B, -1).double()  # noqa: E731
+    flat = lambda t: _wide(t.reshape(B, -1))  # noqa: E731
     beta = flat(b).norm(dim=1)
-    Q = [flat(b) / beta.clamp_min(1e-300)[:, None]]
-    H = torch.zeros(B, m + 1, m, dtype=torch.float64, device=b.device)
+    tiny = torch.finfo(beta.dtype).tiny
+    Q = [flat(b) / beta.clamp_min(tiny)[:, None]]
+    H = torch.zeros(B, m + 1, m, dtype=beta.dtype, device=b.device)
     for j in range(m):
         w = flat(matvec(Q[j].reshape(b.shape).to(b)))
         for i in range(j + 1):
             H[:, i, j] = (Q[i] * w).sum(1)
             w = w - H[:, i, j, None] * Q[i]
         H[:, j + 1, j] = w.norm(dim=1)
-        Q.append(w / H[:, j + 1, j].clamp_min(1e-300)[:, None])
-    e1 = torch.zeros(B, m + 1, dtype=torch.float64, device=b.device)
+        Q.append(w / H[:, j + 1, j].clamp_min(tiny)[:, None])
+    e1 = torch.zeros(B, m + 1, dtype=beta.dtype, device=b.device)
     e1[:, 0] = beta
     y = _lstsq_per_image(H, e1)
     x = (torch.stack(Q[:m], 2) @ y[..., None])[..., 0]
@@ -480,11 +488,17 @@ def ddpm_posterior(z: Tensor, eps: Tensor, a_t: float, a_s: float, eta: float = 
     return mean, sigma
 
 
+def _f64(t: Tensor) -> Tensor:
+    """t in float64 (on the CPU where the device has no float64, e.g. MPS)."""
+    return t.cpu().double() if t.device.type == "mps" else t.double()
+
+
 def apply_noise_map(mean: Tensor, sigma: float, noise_map: Tensor) -> Tensor:
     """x_s = mu_t + sigma_t z_t with a stored noise map (z_t itself where sigma_t = 0), in float64 and
     back to the mean's dtype, so that a map from :func:`ddpm_invert` gives back its level exactly."""
-    x = mean.double() + (sigma if sigma > 0 else 1.0) * noise_map.to(mean.device, torch.float64)
-    return x.to(mean.dtype)
+    m = _f64(mean)
+    x = m + (sigma if sigma > 0 else 1.0) * noise_map.to(m.device, torch.float64)
+    return x.to(mean.device, mean.dtype)
 
 
 def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
@@ -510,7 +524,7 @@ def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond:
         mean, sigma = ddpm_posterior(levels[i], eps, ab[i], ab[i + 1])
         # float64, so that mean + sigma z gives back the float32 x_s bit for bit when sampling:
         # a rounding here is amplified by the guided model at every later step
-        maps.append((levels[i + 1].double() - mean.double()) / (sigma if sigma > 0 else 1.0))
+        maps.append((_f64(levels[i + 1]) - _f64(mean)) / (sigma if sigma > 0 else 1.0))
         if callback is not None:
             callback(i, grid.steps, levels[i + 1])
     return xs, maps
