@@ -39,6 +39,8 @@ SOLVER_RUNS = [
     ("gradient_descent", "gradient_descent", dict(iterations=2), 0),
     ("fixed_point_3", "fixed_point", dict(iterations=2), 0),
     ("anderson_3", "anderson", dict(iterations=2), 0),
+    ("fixed_point_3_tol0", "fixed_point", dict(iterations=2, tol=0.0), 0),   # exactly 3 calls per step
+    ("anderson_3_tol0", "anderson", dict(iterations=2, tol=0.0), 0),
     ("fixed_point_4", "fixed_point", dict(iterations=3), 0),
     ("anderson_4", "anderson", dict(iterations=3), 0),
     ("newton_krylov_5", "newton_krylov", dict(iterations=1, krylov=2), 0),

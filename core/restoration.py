@@ -34,6 +34,24 @@ from .schedule import TimestepGrid
 Tensor = torch.Tensor
 
 
+class DivergenceError(ValueError):
+    """A posterior sampler's latent left the prior's range: non-finite, or its RMS far beyond the
+    unit scale of a DDPM latent. Raised instead of returning garbage."""
+
+
+MAX_LATENT_RMS = 100.0
+
+
+def check_diverged(z: Tensor, step: int, method: str) -> None:
+    """Stop a sampler whose latent is non-finite or whose per-image RMS exceeds MAX_LATENT_RMS."""
+    finite = bool(torch.isfinite(z).all())
+    rms = float(z.detach().float().reshape(z.shape[0], -1).pow(2).mean(1).sqrt().max()) if finite else float("nan")
+    if not finite or rms > MAX_LATENT_RMS:
+        what = "non-finite values" if not finite else f"an RMS of {rms:.3g} (a DDPM latent's is about 1)"
+        raise DivergenceError(f"{method} diverged at step {step + 1}: the latent has {what}; lower the step size "
+                              f"(data-consistency weight or learning rate) or use more steps.")
+
+
 def _guided_step(z: Tensor, eps: Tensor, a: float, a_next: float, eta: float, grad: Tensor,
                  generator: Optional[torch.Generator]) -> tuple[Tensor, float]:
     """The step LDPS, PSLD and P2L share: the DDIM (eta = 0) / DDPM step from level a to a_next,
@@ -72,6 +90,7 @@ def ldps(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], op: Oper
             (grad,) = torch.autograd.grad(objective, zz)
         residuals.append(float(r.detach().mean()))
         z, _ = _guided_step(z, eps.detach(), ab[i], ab[i + 1], eta, grad.detach(), generator)
+        check_diverged(z, i, "PSLD" if gamma > 0 else "LDPS")
         if callback is not None:
             callback(i, grid.steps, z)
     return z, residuals
@@ -156,6 +175,7 @@ def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: 
             residuals.append(float((y - op.A(decode(x0))).reshape(y.shape[0], -1).norm(dim=1).mean()))
             alpha = a / a_next
             z = (math.sqrt(alpha) * (1.0 - a_next) / (1.0 - a)) * z + (math.sqrt(a_next) * (1.0 - alpha) / (1.0 - a)) * x0
+        check_diverged(z, i, "STSL")
         if callback is not None:
             callback(i, grid.steps, z)
     return z, residuals, evaluations
@@ -284,6 +304,7 @@ def p2l(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: C
                 x_hat = project_to_measurements(op, y, decode(x0_corr), cg_lambda, cg_iters)
                 z_next = z_next + math.sqrt(a_next) * (encode(x_hat).float() - x0_corr)
         z = z_next.detach()
+        check_diverged(z, i, "P2L")
         if callback is not None:
             callback(i, grid.steps, z)
     return z, residuals, C.detach(), prompt_loss

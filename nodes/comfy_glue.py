@@ -337,16 +337,57 @@ class ProgressReporter:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def latent_batch(latent: dict, input_name: str = "latent") -> Tensor:
+def check_finite(t: Tensor, input_name: str) -> None:
+    """NaN or infinite values in an input are refused before any work starts."""
+    if not bool(torch.isfinite(t).all()):
+        raise InverseInputError(f"{input_name}: contains NaN or infinite values; check the node that produced it "
+                                f"(e.g. a VAE in half precision that overflowed) and run it again.")
+
+
+def model_latent_channels(model) -> Optional[int]:
+    fmt = getattr(getattr(model, "model", None), "latent_format", None)
+    return getattr(fmt, "latent_channels", None)
+
+
+def check_latent_for_model(samples: Tensor, model, input_name: str) -> None:
+    """The latent's channel count must be the model's (an SDXL/SD3/Flux latent cannot go to SD1.5)."""
+    want = model_latent_channels(model)
+    if want is not None and samples.shape[1] != want:
+        raise InverseInputError(f"{input_name}: the latent has {samples.shape[1]} channels but this model works on "
+                                f"{want}-channel latents; encode the image with this checkpoint's own VAE.")
+
+
+def latent_batch(latent: dict, input_name: str = "latent", model=None) -> Tensor:
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise InverseInputError(f"{input_name}: expected an image LATENT of shape [B, C, H, W]; "
                                 f"video or audio latents are not supported.")
+    check_finite(samples, input_name)
+    if model is not None:
+        check_latent_for_model(samples, model, input_name)
     return samples
 
 
-def encode_image(vae, image: Tensor) -> Tensor:
-    return vae.encode(image[:, :, :, :3])
+def check_image(image: Tensor, input_name: str = "image", vae=None) -> Tensor:
+    """An IMAGE [B, H, W, C] with finite values and, where a VAE will encode it, at least one latent
+    pixel's worth of pixels in each direction."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 1:
+        raise InverseInputError(f"{input_name}: expected an IMAGE of shape [B, H, W, C].")
+    check_finite(image, input_name)
+    if vae is not None:
+        f = vae_downscale(vae)
+        H, W = int(image.shape[1]), int(image.shape[2])
+        if H < f or W < f:
+            raise InverseInputError(f"{input_name}: the image is {W}x{H} pixels, smaller than the VAE's {f}x{f}-pixel "
+                                    f"latent cell; scale it up (e.g. ImageScale to {8 * f}x{8 * f} or more).")
+    return image
+
+
+def encode_image(vae, image: Tensor, input_name: str = "image") -> Tensor:
+    check_image(image, input_name, vae)
+    samples = vae.encode(image[:, :, :, :3])
+    check_finite(samples, f"{input_name} (encoded by the VAE)")
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,6 +658,11 @@ class EditGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         from ..core.proxedit import ddim_x0_for
 
+        want = tuple(self.result.z0.shape)
+        if tuple(x.shape) != want:
+            raise InverseInputError(
+                f"latent_image: SamplerCustomAdvanced gave a latent of shape {tuple(x.shape)} but the inversion is "
+                f"{want}; connect the inversion's noise_latent (or a latent of the inverted image's size and batch).")
         predictor = ComfyNoisePredictor(self, model_options)
         if self._device_result is None:
             self._device_result = self.result.to(predictor.device)

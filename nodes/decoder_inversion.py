@@ -62,6 +62,7 @@ class DecoderInversion(io.ComfyNode):
                 f"step_size/momentum: lambda {step_size} with momentum {momentum} breaks the convergence condition "
                 f"lambda (1 - a + 2 a^2) < (1 - a)^2 (paper eq. 13); lower step_size below "
                 f"{(1 - momentum) ** 2 / (1 - momentum + 2 * momentum ** 2):.4g}.")
+        glue.check_image(image, "image", vae)
         codec = glue.VaeCodec(vae, precision)
         x = codec.crop(image)
         z0 = None

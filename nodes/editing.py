@@ -2,6 +2,8 @@
 MasaCtrl attention control; as a node and as a GUIDER for SamplerCustomAdvanced."""
 from __future__ import annotations
 
+import math
+
 import torch
 from comfy_api.latest import io
 
@@ -18,6 +20,9 @@ BASES = ["source", "negative"]
 # ----------------------------------------------------------------------------------------------
 # attention control nodes
 
+MAX_REWEIGHT = 20.0  # attention maps scaled beyond this saturate the softmax'd weights into one token
+
+
 def _parse_weights(text: str) -> list[tuple[str, float]]:
     out = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
@@ -25,9 +30,14 @@ def _parse_weights(text: str) -> list[tuple[str, float]]:
         try:
             if not sep or not word.strip():
                 raise ValueError
-            out.append((word.strip(), float(value)))
+            scale = float(value)
         except ValueError:
             raise glue.InverseInputError(f"reweight: expected 'word:scale' pairs separated by commas, got {part!r}.")
+        if not math.isfinite(scale) or abs(scale) > MAX_REWEIGHT:
+            raise glue.InverseInputError(f"reweight: the scale of {word.strip()!r} is {value.strip()}; use a finite "
+                                         f"scale between -{MAX_REWEIGHT:g} and {MAX_REWEIGHT:g} (prompt-to-prompt uses "
+                                         f"about -2 to 5).")
+        out.append((word.strip(), scale))
     return out
 
 
@@ -67,7 +77,7 @@ class PromptToPrompt(io.ComfyNode):
                                        "source; keeps the layout (paper: 0.2-0.6)."),
                 io.String.Input("reweight", default="",
                                 tooltip="Words of the target prompt to amplify or weaken, as 'word:scale, ...' (e.g. "
-                                        "'snowy:3'); any mode."),
+                                        "'snowy:3'); any mode. Scales must be finite, between -20 and 20."),
                 io.Boolean.Input("local_blend", default=False,
                                  tooltip="LocalBlend: outside the attention region of the blend words keep the source "
                                          "latent exactly."),

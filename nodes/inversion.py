@@ -55,17 +55,19 @@ def _result_outputs() -> list:
     ]
 
 
-def _latent_from_inputs(latent, image, vae) -> torch.Tensor:
+def _latent_from_inputs(latent, image, vae, model) -> torch.Tensor:
     if latent is not None and image is not None:
         raise glue.InverseInputError("latent/image: connect either a LATENT or an IMAGE with a VAE, not both.")
     if latent is not None:
-        return glue.latent_batch(latent)
+        return glue.latent_batch(latent, "latent", model)
     if image is None:
         raise glue.InverseInputError("latent/image: nothing to invert; connect a LATENT (e.g. from VAE Encode) "
                                      "or an IMAGE together with a VAE.")
     if vae is None:
         raise glue.InverseInputError("vae: an IMAGE input needs a VAE to encode it; connect the checkpoint's VAE.")
-    return glue.encode_image(vae, image)
+    samples = glue.encode_image(vae, image)
+    glue.check_latent_for_model(samples, model, "vae")
+    return samples
 
 
 def _guidance_conds(positive, negative, guidance: float):
@@ -85,7 +87,7 @@ class _Source:
     def __init__(self, model, positive, negative, latent, image, vae, steps, guidance, spacing):
         glue.check_diffusion_model(model)
         self.model = model
-        self.samples = _latent_from_inputs(latent, image, vae)
+        self.samples = _latent_from_inputs(latent, image, vae, model)
         self.conds, self.uncond = _guidance_conds(positive, negative, guidance)
         for name, c in self.conds.items():
             glue.check_cond_batch(c, self.samples.shape[0], name)

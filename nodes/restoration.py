@@ -50,7 +50,9 @@ class DegradationOperator(io.ComfyNode):
                                        "share of the image (0.5); salt-and-pepper: share of pixels (0.02)."),
                 io.Float.Input("sigma_y", default=0.05, min=0.0, max=1.0, step=0.005,
                                tooltip="Measurement noise std in [-1, 1] units (0.01 or 0.05)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the motion kernel and generated masks."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the motion kernel and generated masks (the example workflows keep it "
+                                     "fixed, so every run degrades the same way)."),
                 io.Mask.Input("mask", optional=True, tooltip="inpaint_mask: the known pixels are where the mask is 0 "
                                                              "(white = missing, as ComfyUI's inpainting masks)."),
             ],
@@ -99,7 +101,8 @@ class DegradeImage(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The clean image."),
                 Operator.Input("operator", tooltip="Output of Degradation Operator."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the measurement noise."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the measurement noise (fixed in the example workflows)."),
             ],
             outputs=[
                 io.Image.Output(display_name="degraded", tooltip="The measurement y (small for super-resolution)."),
@@ -112,7 +115,7 @@ class DegradeImage(io.ComfyNode):
     def execute(cls, image, operator, seed) -> io.NodeOutput:
         if not isinstance(operator, ops.Operator):
             raise glue.InverseInputError("operator: connect a Degradation Operator node.")
-        x = to_signed(image)
+        x = to_signed(glue.check_image(image, "image"))
         try:
             y = operator.measure(x, torch.Generator().manual_seed(int(seed)))
         except ops.OperatorError as exc:
@@ -213,7 +216,7 @@ class Restore(io.ComfyNode):
             raise glue.InverseInputError(f"method: choose one of {', '.join(METHODS)}.")
         if vae is None:
             raise glue.InverseInputError("vae: connect the checkpoint's VAE.")
-        y = to_signed(measurement)
+        y = to_signed(glue.check_image(measurement, "measurement"))
         B = y.shape[0]
         glue.check_cond_batch(positive, B, "positive")
         x_shape = operator.x_shape(tuple(y.shape))
@@ -277,7 +280,11 @@ class Restore(io.ComfyNode):
                       if operator.sigma_y > 0 else None, "residual_per_step": res, **extra}
             return pred.process_latent_out(z).cpu(), to_image(x_hat.cpu()), report
 
-        latent, image, report = glue.run_with_predictor(model, {"positive": positive}, z_T.shape, run, seed=int(seed))
+        try:
+            latent, image, report = glue.run_with_predictor(model, {"positive": positive}, z_T.shape, run,
+                                                            seed=int(seed))
+        except rs.DivergenceError as exc:
+            raise glue.InverseInputError(f"step_size/stsl_lr: {exc}") from None
         return io.NodeOutput(image.float().contiguous(), {"samples": latent}, json.dumps(report))
 
 

@@ -140,6 +140,32 @@ def test_every_node_schema_has_description_and_tooltips(pack):
             assert o.tooltip, f"{schema.node_id} output {o.display_name} has no tooltip"
         info = cls.GET_NODE_INFO_V1()  # what /object_info serves
         assert info["description"] == schema.description
+        for i in schema.inputs:  # the frontend randomizes seeds unless told they have a control value
+            if "seed" in i.id:
+                assert getattr(i, "control_after_generate", None), f"{schema.node_id}.{i.id}"
+
+
+def test_ui_workflows_keep_their_seeds_fixed(pack):
+    import nodes
+
+    for path in sorted((comfy_host.ROOT / "workflows").glob("*.json")):
+        for n in json.loads(path.read_text())["nodes"]:
+            cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
+            spec = cls.INPUT_TYPES()
+            names = [k for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()
+                     if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+            vals, j = n.get("widgets_values") or [], 0
+            for name in names:
+                if j >= len(vals):
+                    break
+                opts = spec.get("required", {}).get(name, spec.get("optional", {}).get(name, (None, {})))
+                opts = opts[1] if len(opts) > 1 and isinstance(opts[1], dict) else {}
+                j += 1
+                if opts.get("control_after_generate"):
+                    assert vals[j] == "fixed", f"{path.name}: {n['type']}.{name} is saved as {vals[j]!r}"
+                    j += 1
+                if opts.get("image_upload"):
+                    j += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +419,49 @@ def test_bad_inputs_get_clear_errors(pack, glue, loaded):
             inv.DDIMInversion.execute(lcm, pos, 4, 1.0, "trailing", latent=lat)
         with pytest.raises(glue.InverseInputError, match=r"^mask: "):
             glue.latent_mask(torch.ones(3, 64, 64), (2, 4, 8, 8))
+
+
+def test_bad_numbers_and_shapes_are_refused_before_any_work(pack, glue, loaded):
+    """Non-finite latents and images, a latent of another model family, an image smaller than the
+    VAE's cell: each a clear error naming the input, before any model call (the review's raw
+    UnboundLocalError, the conv error on a 1x1 image and the silent all-NaN successes)."""
+    inv = _nodes(pack)
+    di = importlib.import_module(pack.__name__ + ".nodes.decoder_inversion")
+    model, clip, vae, pos, neg = loaded
+    nan, inf = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
+    nan[0, 0, 0, 0], inf[0, 1, 2, 3] = float("nan"), float("inf")
+    exact = dict(method="rnri", iterations=2, tolerance=1e-4, lambda_prior=0.1, adjust_rounds=0)
+    with torch.inference_mode(), UNetCounter() as counter:
+        for bad in (nan, inf):
+            lat = {"samples": bad}
+            with pytest.raises(glue.InverseInputError, match=r"^latent: contains NaN or infinite values"):
+                inv.DDIMInversion.execute(model, pos, 4, 1.0, "auto", latent=lat)
+            for method in ("rnri", "gradient_descent", "anderson"):
+                with pytest.raises(glue.InverseInputError, match=r"^latent: contains NaN"):
+                    inv.ExactInversion.execute(model, pos, 4, 1.0, "auto", latent=lat, **dict(exact, method=method))
+            with pytest.raises(glue.InverseInputError, match=r"^latent: contains NaN"):
+                inv.NullTextInversion.execute(model, pos, 4, 7.5, "auto", 2, 0.01, 1e-5, negative=neg, latent=lat)
+            with pytest.raises(glue.InverseInputError, match=r"^latent: contains NaN"):
+                di.DecoderInversion.execute(torch.rand(1, 64, 64, 3), vae, "gradient_free_adam", 2, 0.01, 0.3, "auto",
+                                            latent=lat)
+        with pytest.raises(glue.InverseInputError, match=r"^latent: the latent has 16 channels but this model works "
+                                                         r"on 4-channel latents"):
+            inv.DDIMInversion.execute(model, pos, 4, 1.0, "auto", latent={"samples": torch.zeros(1, 16, 8, 8)})
+        with pytest.raises(glue.InverseInputError, match=r"^image: the image is 1x1 pixels, smaller than the VAE's"):
+            inv.DDIMInversion.execute(model, pos, 4, 1.0, "auto", image=torch.rand(1, 1, 1, 3), vae=vae)
+        bad_img = torch.rand(1, 64, 64, 3)
+        bad_img[0, 3, 3, 0] = float("nan")
+        with pytest.raises(glue.InverseInputError, match=r"^image: contains NaN"):
+            di.DecoderInversion.execute(bad_img, vae, "gradient_free_adam", 2, 0.01, 0.3, "auto")
+        with pytest.raises(glue.InverseInputError, match=r"^image: contains NaN"):
+            inv.DDIMInversion.execute(model, pos, 4, 1.0, "auto", image=bad_img, vae=vae)
+    assert counter.batches == []  # refused before any model call
+
+
+@pytest.mark.parametrize("scale", ["1e30", "nan", "inf", "-25"])
+def test_prompt_to_prompt_refuses_non_finite_or_huge_reweight_scales(pack, loaded, scale):
+    with pytest.raises(Exception, match=r"^reweight: the scale of 'cat' is .*finite scale between -20 and 20"):
+        _p2p_node(pack, loaded, "a photo of a cat", "a photo of a cat", mode="reweight", reweight=f"cat:{scale}")
 
 
 def test_lcm_model_inverts_on_the_lcm_grid(pack, glue, core, loaded):
@@ -981,6 +1050,18 @@ def test_guider_reproduces_the_proxedit_node(pack, loaded):
                                                    **dict(args, quantile=1.0, inversion_guidance=0.0,
                                                           reconstruction_guidance=0.0)).args[0]
     assert _rel(_guider_sample(pack, loaded, g2, ddpm, sigmas_from=3), z0d) < 1e-4
+    # a latent of another size than the inversion's is refused (it was a tensor-size error, or silently
+    # accepted without inversion guidance)
+    for kw in ({}, {"inversion_guidance": 0.0}):
+        with torch.inference_mode():
+            g3 = _editing(pack).ProxEditGuider.execute(loaded[0], res, tar, negative=loaded[4],
+                                                       **dict(args, **kw)).args[0]
+        with torch.inference_mode(), pytest.raises(Exception, match=r"^latent_image: SamplerCustomAdvanced gave a "
+                                                                    r"latent of shape \(1, 4, 16, 16\)"):
+            from comfy_extras import nodes_custom_sampler as cs
+            cs.SamplerCustomAdvanced().sample(cs.DisableNoise().get_noise()[0], g3,
+                                              cs.KSamplerSelect().get_sampler("euler")[0],
+                                              torch.tensor([3.0, 1.0, 0.0]), {"samples": torch.zeros(1, 4, 16, 16)})
     # sigmas off the inversion's grid are a clear error
     with torch.inference_mode(), pytest.raises(Exception, match=r"^sigmas: the sampler asked for sigma"):
         from comfy_extras import nodes_custom_sampler as cs
@@ -1073,6 +1154,18 @@ def test_restore_methods_lower_the_measurement_residual(pack, loaded, kind):
         assert rep["unet_calls"] == calls, (method, rep["unet_calls"])
         if method == "stsl":
             assert rep["nfe_as_the_paper_counts"] == calls
+
+
+def test_restore_stops_with_a_clear_message_when_it_diverges(pack, loaded):
+    r, op = _operator(pack, "sr_avgpool")
+    y = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(6))
+    for method in ("ldps", "psld"):
+        with pytest.raises(Exception, match=r"^step_size/stsl_lr: (LDPS|PSLD) diverged at step \d+: the latent has"):
+            _restore(pack, loaded, y, op, method=method, step_size=1e9)
+    y_nan = y.clone()
+    y_nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(Exception, match=r"^measurement: contains NaN"):
+        _restore(pack, loaded, y_nan, op, method="ldps")
 
 
 def test_restore_p2l_tunes_the_prompt_and_decoder_memory_modes_agree(pack, loaded):

@@ -188,3 +188,14 @@ def test_stsl_start_is_the_adjoint_scaled_to_a_pseudo_inverse_without_amplifying
     n = 0.05 * torch.randn(blur.A(like).shape, generator=g)
     rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
     assert rms(rs.scaled_adjoint(blur, n, like)) <= 0.05 < 0.5 * rms(rs.back_project(blur, n, like))
+
+
+def test_samplers_stop_when_the_latent_diverges():
+    model, op, y, grid, mean = _problem("sr")
+    ident = lambda v: v  # noqa: E731
+    zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(rs.DivergenceError, match=r"^LDPS diverged at step \d+"):
+        rs.ldps(model, ident, op, y, grid, "c", zT, zeta=1e9)
+    with pytest.raises(rs.DivergenceError, match=r"non-finite"):
+        rs.check_diverged(torch.full((1, 4, 2, 2), float("nan")), 0, "X")
+    rs.check_diverged(torch.randn(2, 4, 8, 8), 0, "X")  # a unit-scale latent passes
