@@ -337,6 +337,32 @@ class ProgressReporter:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+def check_widgets(node_cls, values: Mapping[str, Any]) -> None:
+    """The widget values of a node call, checked against ``node_cls``'s schema before any work:
+    every INT/FLOAT a finite number within min/max, every COMBO one of its options. ComfyUI's own
+    prompt validation lets NaN through (NaN < min is false) and a node called directly gets none."""
+    from comfy_api.latest import io
+
+    # define_schema, not GET_SCHEMA: ComfyUI runs nodes through a locked clone class that refuses
+    # GET_SCHEMA's caching; a schema is a handful of small objects
+    kinds = (io.Int.Input, io.Float.Input, io.Combo.Input)
+    for inp in [i for i in node_cls.define_schema().inputs if isinstance(i, kinds)]:
+        v = values.get(inp.id)
+        if v is None:
+            continue
+        if isinstance(inp, io.Combo.Input):
+            if inp.options and v not in inp.options:
+                raise InverseInputError(f"{inp.id}: {v!r} is not one of {', '.join(map(str, inp.options))}.")
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InverseInputError(f"{inp.id}: expected a number, got {type(v).__name__}.")
+        if not math.isfinite(v):
+            raise InverseInputError(f"{inp.id}: must be a finite number, got {v}.")
+        lo, hi = inp.min, inp.max
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise InverseInputError(f"{inp.id}: {v:g} is outside the allowed range {lo:g} to {hi:g}.")
+
+
 def check_finite(t: Tensor, input_name: str) -> None:
     """NaN or infinite values in an input are refused before any work starts."""
     if not bool(torch.isfinite(t).all()):
@@ -443,6 +469,7 @@ def latent_mask(mask: Tensor, latent_shape: Sequence[int], input_name: str = "ma
         mask = mask[None]
     if mask.ndim != 3:
         raise InverseInputError(f"{input_name}: expected a MASK of shape [H, W] or [B, H, W], got {tuple(mask.shape)}.")
+    check_finite(mask, input_name)
     B = latent_shape[0]
     if mask.shape[0] not in (1, B):
         raise InverseInputError(f"{input_name}: the mask batch ({mask.shape[0]}) must be 1 or the latent batch ({B}).")

@@ -55,6 +55,7 @@ class DecoderInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, method, iterations, step_size, momentum, precision, latent=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         if method not in DI_METHODS:
             raise glue.InverseInputError(f"method: choose one of {', '.join(DI_METHODS)}.")
         if method == "gradient_free_momentum" and not di.km_condition(momentum, step_size):

@@ -98,6 +98,7 @@ class PromptToPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, clip, source_prompt, target_prompt, mode, cross_replace, self_replace, reweight, local_blend,
                 blend_words, blend_threshold, blend_start) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         if clip is None:
             raise glue.InverseInputError("clip: connect the checkpoint's CLIP.")
         src_ids, length = glue.prompt_tokens(clip, source_prompt, "source_prompt")
@@ -188,6 +189,7 @@ class MasaCtrl(io.ComfyNode):
 
     @classmethod
     def execute(cls, start_step, start_layer, strategy, base_strategy, attention_control=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         control = ac.AttentionControl(masactrl=ac.MutualSelfAttention(start_step, start_layer, strategy, base_strategy))
         if attention_control is not None:
             control = control.combine(attention_control)
@@ -335,6 +337,7 @@ class ProxEdit(io.ComfyNode):
     def execute(cls, model, inversion, target, base, guidance, prox, quantile, fixed_threshold, dilation,
                 inversion_guidance, reconstruction_guidance, t_rec, source_null_mix, skip_steps,
                 negative=None, attention_control=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         edit = _Edit(model, inversion, target, negative, base, guidance, prox, quantile, fixed_threshold, dilation,
                      inversion_guidance, reconstruction_guidance, t_rec, source_null_mix, attention_control)
         grid = inversion.grid
@@ -372,6 +375,7 @@ class ProxEditGuider(io.ComfyNode):
     def execute(cls, model, inversion, target, base, guidance, prox, quantile, fixed_threshold, dilation,
                 inversion_guidance, reconstruction_guidance, t_rec, source_null_mix, negative=None,
                 attention_control=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         edit = _Edit(model, inversion, target, negative, base, guidance, prox, quantile, fixed_threshold, dilation,
                      inversion_guidance, reconstruction_guidance, t_rec, source_null_mix, attention_control)
         maps = inversion.extras.get("noise_maps") if inversion.method == "ddpm" else None

@@ -159,6 +159,7 @@ class DDIMInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, steps, guidance, spacing, negative=None, latent=None, image=None,
                 vae=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
 
         def run(pred, z0):
@@ -211,6 +212,7 @@ class ExactInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, steps, guidance, spacing, method, iterations, tolerance, lambda_prior,
                 adjust_rounds, negative=None, latent=None, image=None, vae=None, krylov=3) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         if method not in EXACT_METHODS:
             raise glue.InverseInputError(f"method: choose one of {', '.join(EXACT_METHODS)}.")
         src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
@@ -245,6 +247,7 @@ class NegativePromptInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, steps, spacing, latent=None, image=None, vae=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         src = _Source(model, positive, None, latent, image, vae, steps, 1.0, spacing)
 
         def run(pred, z0):
@@ -281,6 +284,7 @@ class NullTextInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, steps, guidance, spacing, inner_steps, learning_rate, tolerance,
                 negative=None, latent=None, image=None, vae=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         if negative is None:
             raise glue.InverseInputError("negative: null-text inversion optimises the negative embedding; connect a "
                                          "CLIP Text Encode with empty text.")
@@ -325,6 +329,7 @@ class DDPMInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, steps, guidance, spacing, seed, negative=None, latent=None, image=None,
                 vae=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
 
         def run(pred, z0):
@@ -373,6 +378,7 @@ class SampleFromInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, inversion, guidance, skip_steps, negative=None, mask=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         glue.check_diffusion_model(model)
         if not isinstance(inversion, InversionResult):
             raise glue.InverseInputError("inversion: expected the output of an Inverse inversion node.")
@@ -454,6 +460,7 @@ class DDIMInversionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, method="ddim", iterations=2, tolerance=1e-4, krylov=3) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         if method not in SAMPLER_METHODS:
             raise glue.InverseInputError(f"method: choose one of {', '.join(SAMPLER_METHODS)}.")
         return io.NodeOutput(glue.make_inversion_sampler(_sampler_inversion(method, iterations, tolerance, krylov)))

@@ -62,6 +62,7 @@ class DegradationOperator(io.ComfyNode):
     @classmethod
     def execute(cls, kind, scale_factor, kernel_size, blur_sigma, motion_intensity, mask_amount, sigma_y, seed,
                 mask=None) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         try:
             if kind == "sr_avgpool":
                 op = ops.AvgPoolSR(scale_factor, sigma_y)
@@ -113,6 +114,7 @@ class DegradeImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, operator, seed) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         if not isinstance(operator, ops.Operator):
             raise glue.InverseInputError("operator: connect a Degradation Operator node.")
         x = to_signed(glue.check_image(image, "image"))
@@ -209,6 +211,7 @@ class Restore(io.ComfyNode):
                 stsl_inner_steps, stsl_lambda, stsl_trace_weight, stsl_lr, stsl_start, p2l_prompt_steps, p2l_prompt_lr,
                 p2l_project_every, p2l_cg_iters, p2l_cg_lambda, decoder_memory, tile_size,
                 stsl_noise_samples=2) -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
         glue.check_diffusion_model(model)
         if not isinstance(operator, ops.Operator):
             raise glue.InverseInputError("operator: connect a Degradation Operator node.")
