@@ -1156,12 +1156,18 @@ def test_restore_methods_lower_the_measurement_residual(pack, loaded, kind):
             assert rep["nfe_as_the_paper_counts"] == calls
 
 
-def test_restore_stops_with_a_clear_message_when_it_diverges(pack, loaded):
+def test_restore_stops_with_a_clear_message_when_it_diverges(pack, loaded, monkeypatch):
+    """The samplers' divergence check (a real divergence is in test_core_restoration.py) reaches the
+    user as a clear error: here every latent counts as diverged."""
     r, op = _operator(pack, "sr_avgpool")
+    rs = importlib.import_module(pack.__name__ + ".core.restoration")
+    monkeypatch.setattr(rs, "MAX_LATENT_RMS", 1e-6)
     y = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(6))
-    for method in ("ldps", "psld"):
-        with pytest.raises(Exception, match=r"^step_size/stsl_lr: (LDPS|PSLD) diverged at step \d+: the latent has"):
-            _restore(pack, loaded, y, op, method=method, step_size=1e9)
+    for method in ("ldps", "psld", "stsl", "p2l"):
+        with pytest.raises(Exception, match=r"^step_size/stsl_lr: (LDPS|PSLD|STSL|P2L) diverged at step 1: the "
+                                            r"latent has an RMS of"):
+            _restore(pack, loaded, y, op, method=method)
+    monkeypatch.undo()
     y_nan = y.clone()
     y_nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(Exception, match=r"^measurement: contains NaN"):
