@@ -148,7 +148,10 @@ def calls_to_reach(target, curve):
 
 
 # ------------------------------------------------------------------------------------------------
-def protocol_f(quick: bool) -> dict:
+def gaussian_problem(quick: bool):
+    """Protocol (c)'s setting: a Gaussian latent prior N(mean, 0.7^2 I) on 4x16x16 latents, its exact
+    denoiser, a true latent drawn from it, sigma_y 0.05, and the grid and seeds of the mode.
+    Returns (steps, seeds, generator, shape, mean, s, sy, x_true, grid, model)."""
     ops, rs, schedule, GMD, MP = _pack()
     steps, seeds = (20, [0]) if quick else (50, [0, 1, 2])
     g = torch.Generator().manual_seed(0)
@@ -157,7 +160,12 @@ def protocol_f(quick: bool) -> dict:
     s, sy = 0.7, 0.05
     x_true = (mean[None] + s * torch.randn(shape, generator=g, dtype=torch.float64)).float()
     ac, grid = grid_for(steps)
-    model = GMD({"c": MP.gaussian(mean, s)}, ac)
+    return steps, seeds, g, shape, mean, s, sy, x_true, grid, GMD({"c": MP.gaussian(mean, s)}, ac)
+
+
+def protocol_f(quick: bool) -> dict:
+    ops, rs, schedule, GMD, MP = _pack()
+    steps, seeds, g, shape, mean, s, sy, x_true, grid, model = gaussian_problem(quick)
     ident = lambda v: v  # noqa: E731
     op = ops.AvgPoolSR(4, sy)
     y = op.measure(x_true, torch.Generator().manual_seed(7))
@@ -192,15 +200,7 @@ def protocol_f(quick: bool) -> dict:
 
 def protocol_c(quick: bool) -> dict:
     ops, rs, schedule, GMD, MP = _pack()
-    steps = 20 if quick else 50
-    seeds = [0] if quick else [0, 1, 2]
-    g = torch.Generator().manual_seed(0)
-    shape = (1, 4, 16, 16)
-    mean = torch.randn(shape[1:], generator=g, dtype=torch.float64) * 0.5
-    s, sy = 0.7, 0.05
-    x_true = (mean[None] + s * torch.randn(shape, generator=g, dtype=torch.float64)).float()
-    ac, grid = grid_for(steps)
-    model = GMD({"c": MP.gaussian(mean, s)}, ac)
+    steps, seeds, g, shape, mean, s, sy, x_true, grid, model = gaussian_problem(quick)
     ident = lambda v: v  # noqa: E731
     operators = {"inpaint_random_50": ops.Inpaint(ops.random_mask(16, 16, 0.5, seed=1), sigma_y=sy),
                  "sr_avgpool_x4": ops.AvgPoolSR(4, sy),

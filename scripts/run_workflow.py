@@ -627,7 +627,6 @@ def serve(args) -> int:
     comfy_dir = Path(os.path.expanduser(args.comfyui)).resolve()
     local = LocalComfy(comfy_dir, tiny_checkpoint(comfy_dir).parent, True if args.cpu else None, args.comfy_arg,
                        port=args.port, scratch=False)
-    local.log_path = Path(os.devnull)
     log(f"ComfyUI {provision.comfyui_version(comfy_dir)} from {comfy_dir} with ComfyUI-Inverse: open {local.url} "
         f"(Ctrl-C stops it)")
     try:
