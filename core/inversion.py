@@ -256,6 +256,11 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if t.device.type == "mps" else t.double()
 
 
+def _flat(t: Tensor) -> Tensor:
+    """A latent batch as [B, D] vectors in the solvers' inner-product precision."""
+    return _wide(t.reshape(t.shape[0], -1))
+
+
 def _lstsq_per_image(A: Tensor, b: Tensor) -> Tensor:
     """argmin_x ||A x - b|| for a batch of small systems A [B, n, m], b [B, n]: the normal equations
     (Gram matrices on A's device), solved in float64 on the CPU with a tiny Tikhonov term so that
@@ -278,8 +283,6 @@ def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) ->
         fz = step.f(z)
         g = fz - z
         track = _Track(z, -g, cfg.tol)
-        B = z.shape[0]
-        flat = lambda t: _wide(t.reshape(B, -1))  # noqa: E731
         best_f = fz.clone()  # f at each image's best evaluated iterate (its fixed-point update)
         best_f_res = per_image_residual(g)
         dZ: list[Tensor] = []
@@ -297,12 +300,12 @@ def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) ->
             best_f_res = torch.where(improved, res, best_f_res)
             if k + 1 == cfg.iterations:
                 break
-            dZ.append(flat(z - z_prev))
-            dG.append(flat(g - g_prev))
+            dZ.append(_flat(z - z_prev))
+            dG.append(_flat(g - g_prev))
             dZ, dG = dZ[-cfg.memory:], dG[-cfg.memory:]
             Zm, Gm = torch.stack(dZ, 2), torch.stack(dG, 2)  # [B, D, m]
-            gamma = _lstsq_per_image(Gm, flat(g))
-            nxt = (flat(z) + flat(g) - ((Zm + Gm) @ gamma[..., None])[..., 0]).reshape(z.shape).to(z)
+            gamma = _lstsq_per_image(Gm, _flat(g))
+            nxt = (_flat(z) + _flat(g) - ((Zm + Gm) @ gamma[..., None])[..., 0]).reshape(z.shape).to(z)
             # safeguard: an image whose residual grew takes the fixed-point update of its best iterate
             nxt = torch.where(_per_image(~improved, z).bool(), best_f, nxt)
             z_prev, g_prev = z, g
@@ -328,13 +331,12 @@ def _gmres_per_image(matvec: Callable[[Tensor], Tensor], b: Tensor, m: int) -> T
     applies A to a batch. Arnoldi with per-image inner products; the small least-squares problem
     min ||beta e1 - H y|| per image."""
     B = b.shape[0]
-    flat = lambda t: _wide(t.reshape(B, -1))  # noqa: E731
-    beta = flat(b).norm(dim=1)
+    beta = _flat(b).norm(dim=1)
     tiny = torch.finfo(beta.dtype).tiny
-    Q = [flat(b) / beta.clamp_min(tiny)[:, None]]
+    Q = [_flat(b) / beta.clamp_min(tiny)[:, None]]
     H = torch.zeros(B, m + 1, m, dtype=beta.dtype, device=b.device)
     for j in range(m):
-        w = flat(matvec(Q[j].reshape(b.shape).to(b)))
+        w = _flat(matvec(Q[j].reshape(b.shape).to(b)))
         for i in range(j + 1):
             H[:, i, j] = (Q[i] * w).sum(1)
             w = w - H[:, i, j, None] * Q[i]

@@ -360,7 +360,8 @@ def check_widgets(node_cls, values: Mapping[str, Any]) -> None:
             raise InverseInputError(f"{inp.id}: must be a finite number, got {v}.")
         lo, hi = inp.min, inp.max
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise InverseInputError(f"{inp.id}: {v:g} is outside the allowed range {lo:g} to {hi:g}.")
+            allowed = " to ".join("any" if b is None else f"{b:g}" for b in (lo, hi))
+            raise InverseInputError(f"{inp.id}: {v:g} is outside the allowed range {allowed}.")
 
 
 def check_finite(t: Tensor, input_name: str) -> None:

@@ -28,7 +28,6 @@ elif [ "$rc" -eq 3 ] && [ "$require" != "1" ]; then
 BANNER
   env_lines=$("$BASE_PY" scripts/provision.py --deps test --no-host --shell)
   eval "$env_lines"
-  export COMFYUI_PATH=${COMFYUI_PATH:-/nonexistent/ComfyUI}
 else
   echo "[test] cannot run the tests without a ComfyUI host (provisioning exit code $rc)" >&2
   exit 1
