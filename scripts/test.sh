@@ -33,6 +33,20 @@ else
   exit 1
 fi
 
+# the frontend tests (tests/test_frontend.py) drive Debian's Chromium with Playwright for Python
+# (installed above from requirements-test.txt); Playwright's own browser download cannot work offline
+if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing Debian's chromium for the frontend tests"
+    apt-get install -y -q chromium >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } ||
+      echo "[test] could not install chromium: the frontend tests will be skipped (a failure under .ci/run)" >&2
+  else
+    echo "[test] no Chromium (set CHROMIUM, or apt-get install chromium as root): the frontend tests will be" \
+         "skipped (a failure under .ci/run)" >&2
+  fi
+fi
+
 set +e
 "$COMFYUI_PYTHON" -m pytest -q -rs tests "$@"
 rc=$?

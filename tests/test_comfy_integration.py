@@ -148,8 +148,12 @@ def test_every_node_schema_has_description_and_tooltips(pack):
 def test_ui_workflows_keep_their_seeds_fixed(pack):
     import nodes
 
+    import ui_workflows
+
     for path in sorted((comfy_host.ROOT / "workflows").glob("*.json")):
         for n in json.loads(path.read_text())["nodes"]:
+            if n["type"] in ui_workflows.VIRTUAL_TYPES:
+                continue
             cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
             spec = cls.INPUT_TYPES()
             names = [k for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()
@@ -566,6 +570,7 @@ def test_runner_reports_failures_clearly(server, tmp_path):
 
 
 def test_ui_workflows_are_served_as_templates(server):
+    import urllib.parse
     import urllib.request
 
     with urllib.request.urlopen(f"{server.url}/workflow_templates") as r:
@@ -573,6 +578,10 @@ def test_ui_workflows_are_served_as_templates(server):
     ours = templates.get(comfy_host.PACK_DIR_NAME, [])
     ui_files = sorted(p.stem for p in (comfy_host.ROOT / "workflows").glob("*.json"))
     assert sorted(set(ours)) == ui_files and ui_files
+    for name in ours:  # the template browser's card thumbnails
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{comfy_host.PACK_DIR_NAME}/"
+                                    f"{urllib.parse.quote(name)}.jpg") as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 1000
     with urllib.request.urlopen(f"{server.url}/object_info/InverseDDIMInversion") as r:
         info = json.load(r)["InverseDDIMInversion"]
     assert info["category"].startswith("Inverse")
@@ -591,14 +600,14 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow(pack, path):
     import nodes
     import ui_workflows
 
-    ui_path = comfy_host.ROOT / "workflows" / path.name
+    ui_path = ui_workflows.ui_file(path.stem)
     assert ui_path.is_file(), f"missing UI twin {ui_path} (run python tests/ui_workflows.py)"
     ui = json.loads(ui_path.read_text())
     api = json.loads(path.read_text())
     assert ui_workflows.ui_to_api(ui, nodes.NODE_CLASS_MAPPINGS) == ui_workflows.normalise_api(api)
     linked = {l[0] for l in ui["links"]}
     for n in ui["nodes"]:
-        assert n["type"] in nodes.NODE_CLASS_MAPPINGS
+        assert n["type"] in nodes.NODE_CLASS_MAPPINGS or n["type"] in ui_workflows.VIRTUAL_TYPES
         for i in n["inputs"]:
             assert i["link"] is None or i["link"] in linked
 

@@ -1,9 +1,17 @@
-"""UI-format (litegraph) twins of the API-format example workflows.
+"""UI-format (litegraph) twins of the API-format example workflows, laid out for people.
 
-``python tests/ui_workflows.py`` regenerates workflows/*.json from workflows/api/*.json using the
-node definitions of the real ComfyUI (COMFYUI_PATH). The tests convert every UI workflow back
-with :func:`ui_to_api`, the way ComfyUI's frontend does when it queues a graph, and compare with
-the API twin, so the two never drift apart.
+``python tests/ui_workflows.py`` regenerates workflows/*.json (and their template thumbnails,
+workflows/*.jpg, and the README's screenshots, docs/screenshots/*.png) from workflows/api/*.json,
+using the node definitions of the real ComfyUI (COMFYUI_PATH) and its real frontend in a headless
+browser (tests/frontend.py), which measures every node's size. Each workflow gets:
+- a readable file name (the template browser's card title), numbered in reading order (MANIFEST);
+- groups per stage (load, invert, edit/restore, decode and save), nodes in columns by data flow,
+  no two nodes overlapping, every node at least the size the frontend needs to show its widgets;
+- a note on what it shows, what to change and when the default size needs a GPU;
+- model metadata, so the frontend's missing-models dialog names the checkpoint to download;
+- a saved view that shows the whole graph on a 1440x900 screen.
+The tests convert every UI workflow back with :func:`ui_to_api` (and, in the browser, with the
+frontend's own graphToPrompt) and compare with the API twin, so the two never drift apart.
 """
 from __future__ import annotations
 
@@ -12,7 +20,127 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes, never queued
 
+SD15 = {"name": "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints",
+        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"}
+GPU_NOTE = ("Sized for a GPU: 512 x 512 px and 50 steps. On a CPU, set the Resize node to 256 x 256 and the "
+            "step counts to 10 first.")
+
+# (API twin, card title, what it shows, what to change); the order is the reading order
+MANIFEST = [
+    ("invert_and_reconstruct", "Invert and reconstruct (DDIM inversion)",
+     "DDIM inversion of a photo, reconstructed twice: with the pack's sampler and with ComfyUI's own "
+     "SamplerCustomAdvanced on the inversion's sigmas. The VAE round trip is the best any inversion can do.",
+     "the photo (Load Image), the prompt describing it, the checkpoint, steps"),
+    ("reconstruct_fixed_point", "Exact inversion - fixed point",
+     "Exact (implicit) inversion at guidance 7.5: each step solved by fixed-point iterations, then reconstructed.",
+     "the photo, the prompt, method (anderson, newton_krylov, rnri...), iterations, tolerance"),
+    ("reconstruct_gradient_descent", "Exact inversion - gradient descent",
+     "Exact inversion at guidance 7.5 with each step solved by gradient descent on the step residual.",
+     "the photo, the prompt, iterations, learning rate"),
+    ("rnri_invert_and_reconstruct", "Exact inversion - RNRI (Newton-Raphson)",
+     "Regularized Newton-Raphson Inversion with prompt-aware adjustment, then reconstructed.",
+     "the photo, the prompt, iterations, the regularisation weights"),
+    ("reconstruct_negative_prompt", "Negative-prompt inversion",
+     "Negative-prompt inversion: invert with the prompt, reconstruct with CFG 7.5 using the prompt as negative.",
+     "the photo, the prompt, guidance"),
+    ("reconstruct_null_text", "Null-text inversion",
+     "Null-text inversion: per-step optimised unconditional embeddings that make CFG 7.5 reproduce the photo.",
+     "the photo, the prompt, inner iterations"),
+    ("reconstruct_ddpm", "Edit-friendly DDPM inversion",
+     "Edit-friendly DDPM inversion: noise maps that make a stochastic sampler reproduce the photo exactly.",
+     "the photo, the prompt, guidance"),
+    ("proxedit_npi", "Edit - ProxEdit over negative-prompt inversion",
+     "ProxEdit: proximal guidance edits the photo towards the target prompt and keeps the rest.",
+     "the photo, source and target prompts, the proximal threshold (quantile)"),
+    ("proxedit_p2p_word_swap", "Edit - ProxEdit with prompt-to-prompt word swap",
+     "ProxEdit with prompt-to-prompt cross-attention control (word swap, local blend).",
+     "the photo, the two prompts (same token count for a swap), blend words"),
+    ("proxmasactrl_pose", "Edit - ProxMasaCtrl pose change",
+     "ProxEdit with MasaCtrl mutual self-attention: a new pose that keeps the subject's appearance.",
+     "the photo, the target prompt (the new pose), MasaCtrl start step and layer"),
+    ("proxedit_ddpm", "Edit - ProxEdit over DDPM inversion",
+     "ProxEdit over edit-friendly DDPM noise maps.",
+     "the photo, the two prompts, guidance"),
+    ("proxedit_guider", "Edit - ProxEdit GUIDER in SamplerCustomAdvanced",
+     "The ProxEdit GUIDER driving ComfyUI's own SamplerCustomAdvanced (euler) over the inversion.",
+     "the photo, the prompts in the Prompt-to-Prompt node, the sampler"),
+    ("rnri_then_edit", "Edit - ProxEdit over RNRI",
+     "RNRI inversion at guidance 7.5, then a ProxEdit word edit.",
+     "the photo, the two prompts"),
+    ("texture_then_pose", "Edit - texture then pose (P2P then MasaCtrl)",
+     "Two edits in a row: a prompt-to-prompt texture edit, the result re-inverted, then a MasaCtrl pose edit.",
+     "the photo, the three prompts"),
+    ("decoder_inversion", "Decoder inversion",
+     "Decoder inversion: the latent whose decoding best matches the photo (better than the VAE encoder's).",
+     "the photo, method, iterations, precision"),
+    ("decoder_inversion_then_inversion", "Decoder inversion then exact inversion",
+     "Image -> latent (decoder inversion) -> noise (exact inversion) -> latent -> image.",
+     "the photo, the prompt, iterations"),
+    ("restore_sr_x4_stsl", "Restore - super-resolution x4 (STSL)",
+     "Posterior-sampling super-resolution with STSL. Degrade Image makes the low-resolution test input from the photo.",
+     "the photo; to restore your own low-resolution image, feed it to Restore's measurement instead"),
+    ("restore_gaussian_deblur_stsl", "Restore - Gaussian deblur (STSL)",
+     "Posterior-sampling Gaussian deblurring with STSL.",
+     "the photo, blur sigma, noise sigma_y; your own blurred image goes to Restore's measurement"),
+    ("restore_motion_deblur_stsl", "Restore - motion deblur (STSL)",
+     "Posterior-sampling motion deblurring with STSL.",
+     "the photo, the motion intensity and seed; your own blurred image goes to Restore's measurement"),
+    ("restore_box_inpainting_stsl", "Restore - box inpainting (STSL)",
+     "Posterior-sampling inpainting of a missing box with STSL.",
+     "the photo, the mask amount; your own masked image goes to Restore's measurement"),
+    ("restore_compare_methods", "Restore - LDPS, PSLD, P2L and STSL compared",
+     "The four restoration samplers side by side on one Gaussian-blurred photo, with their reports.",
+     "the photo, the operator, steps"),
+]
+
+STAGE_OF = {
+    "CheckpointLoaderSimple": 0, "LoadImage": 0, "ImageScale": 0, "CLIPTextEncode": 0,
+    "InversePromptToPrompt": 0,
+    "InverseDegradationOperator": 1, "InverseDegradeImage": 1, "VAEEncode": 1,
+    "InverseDDIMInversion": 1, "InverseExactInversion": 1, "InverseNegativePromptInversion": 1,
+    "InverseNullTextInversion": 1, "InverseDDPMInversion": 1, "InverseDecoderInversion": 1,
+    "InverseSampleFromInversion": 2, "InverseProxEdit": 2, "InverseMasaCtrl": 2, "InverseProxEditGuider": 2,
+    "KSamplerSelect": 2, "CFGGuider": 2, "DisableNoise": 2, "SamplerCustomAdvanced": 2, "InverseRestore": 2,
+    "VAEDecode": 3, "SaveImage": 3, "PreviewAny": 3, "ImageBatch": 3,
+}
+GROUP_COLORS = ["#3f789e", "#8A8", "#b06634", "#a1309b"]
+NODE_W = 260
+MIN_H = {"SaveImage": 270, "CLIPTextEncode": 100, "PreviewAny": 100, "InversePromptToPrompt": 380}
+GAP_X, GAP_Y, TITLE_H, PAD, GROUP_TITLE = 36, 16, 30, 16, 44
+MAX_COLUMN_H = 1000
+NOTE_SIZE = (NODE_W, 250)
+CANVAS = (1400, 860)  # the canvas at tests/frontend.py's 1440x900 viewport (sidebar and tab bar left out)
+
+
+def ui_file(stem: str) -> Path:
+    """The UI twin of workflows/api/<stem>.json."""
+    for i, (s, title, *_rest) in enumerate(MANIFEST):
+        if s == stem:
+            return ROOT / "workflows" / f"{i + 1:02d} {title}.json"
+    raise KeyError(f"{stem} is not in tests/ui_workflows.py's MANIFEST")
+
+
+def _stage_titles(prompt: dict, stem: str) -> list[str]:
+    types = {n["class_type"] for n in prompt.values()}
+    if "InverseRestore" in types:
+        return ["Load: model, photo, prompt", "Degrade (makes the test input)", "Restore", "Save"]
+    if types & {"InverseProxEdit", "InverseProxEditGuider"}:
+        second = "Encode and invert (source prompt)"
+        return ["Load: model, photo, prompts", second, "Edit", "Decode and save"]
+    if types == types & {"CheckpointLoaderSimple", "LoadImage", "ImageScale", "VAEEncode", "InverseDecoderInversion",
+                         "VAEDecode", "SaveImage"}:
+        return ["Load: VAE and photo", "Encode and invert the decoder", "", "Decode and save"]
+    return ["Load: model, photo, prompts", "Encode and invert", "Reconstruct", "Decode and save"]
+
+
+def note_text(stem: str) -> str:
+    i = [m[0] for m in MANIFEST].index(stem)
+    _, title, shows, change = MANIFEST[i]
+    return (f"{title}\n\n{shows}\n\nChange: {change}.\n\nCheckpoint: any SD1.x/SD2.x/SDXL checkpoint "
+            f"(the file named in Load Checkpoint is SD1.5's; the frontend offers its download if it is missing).\n\n"
+            f"{GPU_NOTE}")
 
 def _inputs(node_cls) -> list[tuple[str, object, dict]]:
     spec = node_cls.INPUT_TYPES()
@@ -44,9 +172,10 @@ def _outputs(node_cls) -> list[tuple[str, str]]:
     return list(zip(names, types))
 
 
-def api_to_ui(prompt: dict, node_classes: dict) -> dict:
+def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem: str | None = None) -> dict:
+    """The UI twin of an API prompt. ``sizes`` ({ui id: (w, h)}, measured by the frontend) lays
+    it out for people (see the module docstring); without it, a plain grid for measuring."""
     ids = {k: i + 1 for i, k in enumerate(prompt)}
-    # depth for a simple left-to-right layout
     depth: dict[str, int] = {}
 
     def d(k):
@@ -58,7 +187,6 @@ def api_to_ui(prompt: dict, node_classes: dict) -> dict:
 
     for k in prompt:
         d(k)
-    rows: dict[int, int] = {}
     links, nodes = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     for k, node in prompt.items():
@@ -81,12 +209,9 @@ def api_to_ui(prompt: dict, node_classes: dict) -> dict:
                 links.append([link_id, ids[src], slot, ids[k], len(ui_inputs), src_type])
                 out_links.setdefault((src, slot), []).append(link_id)
             ui_inputs.append({"name": name, "type": typ if isinstance(typ, str) else "COMBO", "link": link_id})
-        col = depth[k]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         nodes.append({
-            "id": ids[k], "type": node["class_type"], "pos": [40 + 360 * col, 40 + 240 * row],
-            "size": [320, 60 + 26 * (len(ui_inputs) + len(widgets))], "flags": {}, "order": 0, "mode": 0,
+            "id": ids[k], "type": node["class_type"], "pos": [40 + 360 * (ids[k] % 6), 40 + 700 * (ids[k] // 6)],
+            "size": [NODE_W, 60 + 26 * (len(ui_inputs) + len(widgets))], "flags": {}, "order": 0, "mode": 0,
             "inputs": ui_inputs, "outputs": [], "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": widgets, "title": node.get("_meta", {}).get("title", node["class_type"]),
             "_api_id": k,
@@ -98,8 +223,117 @@ def api_to_ui(prompt: dict, node_classes: dict) -> dict:
         cls = node_classes[prompt[k]["class_type"]]
         n["outputs"] = [{"name": name, "type": typ, "links": out_links.get((k, i), []), "slot_index": i}
                         for i, (name, typ) in enumerate(_outputs(cls))]
-    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+        if n["type"] == "CheckpointLoaderSimple":
+            n["properties"]["models"] = [dict(SD15)]
+    ui = {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+          "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+    if any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == SD15["name"] for n in nodes):
+        ui["models"] = [dict(SD15)]
+    if sizes is not None:
+        _lay_out(ui, prompt, ids, depth, sizes, stem)
+    return ui
+
+
+def _lay_out(ui: dict, prompt: dict, ids: dict, depth: dict, sizes: dict, stem: str | None,
+             max_column_h: int = MAX_COLUMN_H) -> None:
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    titles = _stage_titles(prompt, stem or "")
+    ui["groups"] = []
+    ui["nodes"] = [n for n in ui["nodes"] if n["type"] not in VIRTUAL_TYPES]
+    note = None
+    if stem is not None:
+        nid = len(ui["nodes"]) + 1
+        note = {"id": nid, "type": "Note", "pos": [0, 0], "size": list(NOTE_SIZE), "flags": {}, "order": nid - 1,
+                "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note_text(stem)],
+                "title": "Read me: what to change", "color": "#432", "bgcolor": "#653"}
+        ui["nodes"].append(note)
+        ui["last_node_id"] = nid
+    x = 0
+    for stage in range(4):
+        members = [k for k in prompt if STAGE_OF.get(prompt[k]["class_type"], 2) == stage]
+        items = [(depth[k], by_id[ids[k]]) for k in members]
+        if stage == 0 and note is not None:
+            items.insert(0, (-1, note))
+        if not items:
+            continue
+        # columns filled top to bottom in data-flow order, a new one when the next node would
+        # make the column taller than max_column_h
+        columns: list[list[dict]] = [[]]
+        height = 0
+        for _dep, n in sorted(items, key=lambda t: t[0]):
+            w, h = sizes.get(n["id"], n["size"])
+            h = max(h, MIN_H.get(n["type"], 0))
+            n["size"] = [max(NODE_W, int(w + 0.999)), int(h + 0.999)]
+            step = n["size"][1] + TITLE_H + GAP_Y
+            if columns[-1] and height + step > max_column_h:
+                columns.append([])
+                height = 0
+            columns[-1].append(n)
+            height += step
+        x0 = x
+        bottom = 0
+        for col in columns:
+            y = GROUP_TITLE + TITLE_H
+            width = max(n["size"][0] for n in col)
+            for n in col:
+                n["pos"] = [x + PAD, y]
+                y += n["size"][1] + TITLE_H + GAP_Y
+            bottom = max(bottom, y - GAP_Y)
+            x += width + GAP_X
+        x_end = x - GAP_X + 2 * PAD
+        ui["groups"].append({"id": len(ui["groups"]) + 1, "title": f"{len(ui['groups']) + 1}. {titles[stage]}",
+                             "bounding": [x0, 0, x_end - x0, bottom + PAD], "color": GROUP_COLORS[stage],
+                             "font_size": 24, "flags": {}})
+        x = x_end + GAP_X
+
+
+def rects(ui: dict) -> list[tuple[float, float, float, float]]:
+    """Every node's (title bar included) and group's rectangle in graph units."""
+    out = [(n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H) for n in ui["nodes"]]
+    return out + [tuple(g["bounding"]) for g in ui["groups"]]
+
+
+def fits(ui_rects, scale: float, offset, canvas_rect, blocked, step: int) -> bool:
+    """Whether every rectangle, drawn at ``scale`` and ``offset``, lies on the canvas and off every
+    blocked cell (page pixels covered by the frontend's own panels: tabs, minimap, zoom buttons)."""
+    cx, cy, cw, ch = canvas_rect
+    for x, y, w, h in ui_rects:
+        x0, y0 = cx + (x + offset[0]) * scale, cy + (y + offset[1]) * scale
+        x1, y1 = x0 + w * scale, y0 + h * scale
+        if x0 < cx or y0 < cy or x1 > cx + cw or y1 > cy + ch:
+            return False
+        for bx, by in blocked:
+            if x0 <= bx + step and bx <= x1 and y0 <= by + step and by <= y1:
+                return False
+    return True
+
+
+def fit_view(ui: dict, canvas_rect, blocked, step: int) -> float:
+    """The largest scale (<= 1) whose view, anchored 12 px right of and below the first free
+    cell at the top left, shows every node and group; stores it as the workflow's saved view."""
+    rs = rects(ui)
+    bx0 = min(r[0] for r in rs)
+    by0 = min(r[1] for r in rs)
+    cx, cy, cw, ch = canvas_rect
+    top = max([by + step for bx, by in blocked if bx < cx + 200 and by < cy + 200] + [cy]) + 12 - cy
+    left = 12
+    best = None
+    lo, hi = 0.05, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        off = [left / mid - bx0, top / mid - by0]
+        if fits(rs, mid, off, canvas_rect, blocked, step):
+            best, lo = (mid, off), mid
+        else:
+            hi = mid
+    if fits(rs, 1.0, [left - bx0, top - by0], canvas_rect, blocked, step):
+        best = (1.0, [left - bx0, top - by0])
+    if best is None:
+        raise ValueError("the graph does not fit the canvas at any scale")
+    scale, off = best
+    scale = float(int(scale * 1000)) / 1000
+    ui["extra"]["ds"] = {"scale": scale, "offset": [round(left / scale - bx0, 1), round(top / scale - by0, 1)]}
+    return scale
 
 
 def ui_to_api(workflow: dict, node_classes: dict) -> dict:
@@ -108,7 +342,7 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
     link_src = {l[0]: (str(l[1]), l[2]) for l in workflow["links"]}
     prompt = {}
     for n in workflow["nodes"]:
-        if n.get("mode", 0) != 0:
+        if n.get("mode", 0) != 0 or n["type"] in VIRTUAL_TYPES:
             continue
         cls = node_classes[n["type"]]
         inputs = {}
@@ -141,21 +375,81 @@ def normalise_api(prompt: dict) -> dict:
     return out
 
 
+
+
+THUMB_SIZE = (640, 400)
+SCREENSHOTS = {  # one per capability, for the README
+    "invert_and_reconstruct": "inversion", "proxedit_p2p_word_swap": "editing",
+    "decoder_inversion": "decoder_inversion", "restore_compare_methods": "restoration",
+}
+
+
 def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import comfy_host
+    import frontend
+    from PIL import Image
 
     comfy_host.start_inprocess()
     import nodes
 
-    for api_path in sorted((ROOT / "workflows" / "api").glob("*.json")):
-        prompt = json.loads(api_path.read_text())
-        ui = api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS)
-        target = ROOT / "workflows" / api_path.name
-        target.write_text(json.dumps(ui, indent=1) + "\n")
-        print(f"wrote {target}")
+    stems = [m[0] for m in MANIFEST]
+    on_disk = sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
+    if sorted(stems) != on_disk:
+        raise SystemExit(f"MANIFEST and workflows/api differ: {sorted(set(stems) ^ set(on_disk))}")
+    for old in (ROOT / "workflows").glob("*.json"):
+        old.unlink()
+    for old in (ROOT / "workflows").glob("*.jpg"):
+        old.unlink()
+    shots = ROOT / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.tiny_checkpoint().parent,
+                                  ROOT / "workflows" / "input", ROOT / "scripts") as fe:
+        canvas, blocked = fe.canvas_rect(), fe.blocked_cells()
+        readable = fe.low_quality_below()
+        print(f"canvas {canvas}, {len(blocked)} cells covered by panels, text drawn from zoom {readable:.3f}")
+        for stem in stems:
+            prompt = json.loads((ROOT / "workflows" / "api" / f"{stem}.json").read_text())
+            fe.load(api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS))
+            sizes = {n["id"]: n["min_size"] for n in fe.snapshot()["nodes"]}
+            best = None
+            for max_h in range(600, 2001, 50):  # the column height that gives the largest view
+                ui = api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS, sizes, stem)
+                _lay_out(ui, prompt, *_ids_depth(prompt), sizes, stem, max_column_h=max_h)
+                scale = fit_view(ui, canvas, blocked, frontend.BLOCK_STEP)
+                if best is None or scale > best[0] + 1e-3:
+                    best = (scale, ui)
+            scale, ui = best
+            target = ui_file(stem)
+            target.write_text(json.dumps(ui, indent=1) + "\n")
+            fe.load(ui)
+            png = shots / f"_{stem}.tmp.png"
+            fe.screenshot(png)
+            img = Image.open(png).convert("RGB")
+            img.resize(THUMB_SIZE, Image.LANCZOS).save(target.with_suffix(".jpg"), quality=85)
+            if stem in SCREENSHOTS:
+                img.resize((1080, 675), Image.LANCZOS).save(shots / f"{SCREENSHOTS[stem]}.png", optimize=True)
+            png.unlink()
+            flag = "" if scale >= readable else "  (below the zoom that draws text)"
+            print(f"wrote {target.name} and its thumbnail: view scale {scale:.3f}{flag}")
+
+
+def _ids_depth(prompt: dict):
+    ids = {k: i + 1 for i, k in enumerate(prompt)}
+    depth: dict[str, int] = {}
+
+    def d(k):
+        if k not in depth:
+            depth[k] = 0
+            ups = [v[0] for v in prompt[k]["inputs"].values() if isinstance(v, list)]
+            depth[k] = 1 + max((d(u) for u in ups), default=-1)
+        return depth[k]
+
+    for k in prompt:
+        d(k)
+    return ids, depth
 
 
 if __name__ == "__main__":
