@@ -5,7 +5,10 @@
   token counts; Refine: token alignment, new tokens keep their own maps; Reweight: columns of chosen
   tokens scaled by an equalizer) during the first ``cross_steps`` of the sampling, its
   self-attention probabilities during the first ``self_steps`` on maps of at most
-  ``self_max_tokens`` queries; LocalBlend keeps the latent outside the edited words' cross-attention
+  ``self_max_tokens`` queries (recomputed from the source's stored queries and keys, so the store
+  is bounded by 2 N C numbers per self-attention layer plus heads N L per cross-attention layer,
+  L the context length: about 0.7 GB per image at SDXL's 1024 px in float32, where the maps
+  themselves would take 5 GB); LocalBlend keeps the latent outside the edited words' cross-attention
   region equal to the source latent.
 - MasaCtrl (Cao et al., ICCV 2023; ProxEdit supplement D-E): from step ``start_step`` and
   self-attention layer ``start_layer`` on, the target branch's queries attend to the source
@@ -372,9 +375,11 @@ class AttentionController:
             if role == SOURCE and self.masa_active(layer) or role == SOURCE_BASE and self.masa_base_active(layer):
                 self.store[("kv", role, key)] = (k, v)
             if role == SOURCE and self.self_replace_active(q.shape[1]):
-                p = attention_probs(q, k, heads)
-                self.store[("self", key)] = p
-                return apply_probs(p, v, heads)
+                # the source's queries and keys, not its N x N maps: the maps are recomputed at
+                # injection (the same function of the same tensors), so the store holds 2 N C
+                # numbers per layer instead of heads N^2 (SDXL at 1024 px: 0.6 GB, not 5 GB)
+                self.store[("self", key)] = (q, k)
+                return apply_probs(attention_probs(q, k, heads), v, heads)
             return self.attention(q, k, v, heads)
         hw = self._blend_layer(q.shape[1], latent_hw) if role == SOURCE else None
         if role == SOURCE and (self.cross_active() or hw is not None):
@@ -385,6 +390,14 @@ class AttentionController:
                 self.blend.add("src", *self._word_map(p, self.p2p.blend_source, hw))
             return apply_probs(p, v, heads)
         return self.attention(q, k, v, heads)
+
+    def stored_bytes(self) -> int:
+        """Bytes held in the per-step store (the source's captured tensors)."""
+        total = 0
+        for value in self.store.values():
+            for t in (value if isinstance(value, tuple) else (value,)):
+                total += t.numel() * t.element_size()
+        return total
 
     def _stored(self, name: tuple) -> Tensor:
         if name not in self.store:
@@ -403,7 +416,8 @@ class AttentionController:
                 return mutual_self_attention(q, k, v, k_src, v_src, heads, self.masa.base_strategy, self.attention)
             if role == TARGET and self.self_replace_active(q.shape[1]):
                 self.edited_calls += 1
-                return apply_probs(self._stored(("self", key)).to(q.device), v, heads)
+                q_src, k_src = self._stored(("self", key))
+                return apply_probs(attention_probs(q_src.to(q.device), k_src.to(q.device), heads), v, heads)
             return self.attention(q, k, v, heads)
         if role != TARGET:
             return self.attention(q, k, v, heads)

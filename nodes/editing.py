@@ -2,6 +2,7 @@
 MasaCtrl attention control; as a node and as a GUIDER for SamplerCustomAdvanced."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -168,9 +169,11 @@ class MasaCtrl(io.ComfyNode):
                 io.Int.Input("start_step", default=4, min=0, max=1000,
                              tooltip="First sampling step with mutual self-attention (paper: 4 of 50; 0-1 for "
                                      "few-step LCM/Turbo models)."),
-                io.Int.Input("start_layer", default=10, min=0, max=200,
-                             tooltip="First self-attention layer in forward order (paper: 10 of SD1.x's 16, the decoder; "
-                                     "SDXL has 70, its decoder starts at 36)."),
+                io.Int.Input("start_layer", default=-1, min=-1, max=200,
+                             tooltip="First self-attention layer in forward order. -1 = from the model: its first "
+                                     "decoder layer plus a third of its decoder layers, which is the paper's 10 of "
+                                     "SD1.x/2.x's 16 (decoder 7-15) and 46 of SDXL's 70 (decoder 34-69; MasaCtrl's "
+                                     "SDXL examples use 44-64)."),
                 io.Combo.Input("strategy", options=list(ac.MASA_STRATEGIES), default="source",
                                tooltip="What the target branch's queries attend to: source keys/values (paper default), "
                                        "both branches' (joint) or its own (none)."),
@@ -275,6 +278,9 @@ class _Edit:
             self._check_prompts(attention_control, source, target)
             layers = glue.attention_layers(model)
             masa = attention_control.masactrl
+            if masa is not None and masa.start_layer < 0:
+                masa = dataclasses.replace(masa, start_layer=glue.masactrl_start_layer(model))
+                attention_control = dataclasses.replace(attention_control, masactrl=masa)
             if masa is not None and masa.start_layer >= len(layers):
                 raise glue.InverseInputError(f"attention_control: MasaCtrl start_layer {masa.start_layer} is past this "
                                              f"model's {len(layers)} attention layers (0-{len(layers) - 1}).")

@@ -246,3 +246,31 @@ def test_masactrl_edits_both_cfg_branches_by_default():
     model.controller = ctl = ac.AttentionController(ac.AttentionControl(masactrl=ac.MutualSelfAttention(0, 0)), 10)
     e_base, e_tar = proxedit.edit_predict(model, z, z_src, 500, "src", "tar", ctl, "src", step=0)
     assert (e_base - plain[0]).abs().max() > 1e-3 and (e_tar - plain[1]).abs().max() > 1e-3
+
+
+def test_p2p_store_is_bounded_at_sdxl_1024px():
+    """Prompt-to-prompt's per-step store at SDXL's 1024 px shapes (128x128 latent; 10 layers at
+    64x64 with 640 channels and 10 heads, 60 at 32x32 with 1280 channels and 20 heads; 77 context
+    tokens) stays within the bound the module states: 2 N C numbers per self-attention layer with
+    N <= self_max_tokens, plus heads N L per cross-attention layer, in the tensors' own dtype
+    (float16 here: half of the float32 figure) -- not the heads N^2 maps (5 GB in float32)."""
+    torch.manual_seed(0)
+    mapper, alphas = ac.replace_mapping(list(range(1, 8)), [1, 2, 9, 4, 5, 6, 7], 77)
+    ctl = ac.AttentionController(ac.AttentionControl(p2p=ac.PromptToPrompt("replace", mapper, alphas)), 50)
+    ctl.begin_step(0)
+    ctl.capture([ac.SOURCE])
+    dtype, bound, maps = torch.float16, 0, 0
+    layers = [(4096, 640, 10)] * 4 + [(1024, 1280, 20)] * 20 + [(1024, 1280, 20)] * 10 + \
+             [(1024, 1280, 20)] * 30 + [(4096, 640, 10)] * 6
+    for i, (n, c, heads) in enumerate(layers):
+        x = torch.randn(1, n, c, dtype=dtype)
+        ctx = torch.randn(1, 77, c, dtype=dtype)
+        if n <= 32 * 32:  # a 64x64 self-attention is not replaced, and too big for this test's CPU
+            ctl.attend("self", ("l", i), i, x, x, x, heads, [ac.SOURCE], (128, 128))
+            bound += 2 * n * c * 2
+            maps += heads * n * n * 4
+        ctl.attend("cross", ("l", i), i, x, ctx, ctx, heads, [ac.SOURCE], (128, 128))
+        bound += heads * n * 77 * 4  # cross maps are float32 probabilities
+    stored = ctl.stored_bytes()
+    assert 0 < stored <= bound
+    assert stored < 1.0e9 < maps

@@ -127,7 +127,7 @@ def _stage_titles(prompt: dict, stem: str) -> list[str]:
     if "InverseRestore" in types:
         return ["Load: model, photo, prompt", "Degrade (makes the test input)", "Restore", "Save"]
     if types & {"InverseProxEdit", "InverseProxEditGuider"}:
-        second = "Encode and invert (source prompt)"
+        second = "Encode and invert"
         return ["Load: model, photo, prompts", second, "Edit", "Decode and save"]
     if types == types & {"CheckpointLoaderSimple", "LoadImage", "ImageScale", "VAEEncode", "InverseDecoderInversion",
                          "VAEDecode", "SaveImage"}:
