@@ -564,7 +564,9 @@ def test_runner_reports_failures_clearly(server, tmp_path):
                 "--set", "5.width=64", "--set", "5.height=64", "--set", "7.guidance=3.0",
                 "--set", '7.negative=null', "--out", str(tmp_path))
     assert r.returncode in (1, 2) and "negative" in r.stderr, r.stderr
-    ui = comfy_host.ROOT / "workflows" / f"{MAIN_WORKFLOW.stem}.json"
+    import ui_workflows
+
+    ui = ui_workflows.ui_file(MAIN_WORKFLOW.stem)
     r = _runner(str(ui), "--server", server.url)
     assert r.returncode == 2 and "UI-format" in r.stderr
 
