@@ -172,9 +172,7 @@ def _outputs(node_cls) -> list[tuple[str, str]]:
     return list(zip(names, types))
 
 
-def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem: str | None = None) -> dict:
-    """The UI twin of an API prompt. ``sizes`` ({ui id: (w, h)}, measured by the frontend) lays
-    it out for people (see the module docstring); without it, a plain grid for measuring."""
+def _ids_depth(prompt: dict):
     ids = {k: i + 1 for i, k in enumerate(prompt)}
     depth: dict[str, int] = {}
 
@@ -187,6 +185,14 @@ def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem:
 
     for k in prompt:
         d(k)
+    return ids, depth
+
+
+def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem: str | None = None,
+              max_column_h: int = MAX_COLUMN_H) -> dict:
+    """The UI twin of an API prompt. ``sizes`` ({ui id: (w, h)}, measured by the frontend) lays
+    it out for people (see the module docstring); without it, a plain grid for measuring."""
+    ids, depth = _ids_depth(prompt)
     links, nodes = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     for k, node in prompt.items():
@@ -230,7 +236,7 @@ def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem:
     if any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == SD15["name"] for n in nodes):
         ui["models"] = [dict(SD15)]
     if sizes is not None:
-        _lay_out(ui, prompt, ids, depth, sizes, stem)
+        _lay_out(ui, prompt, ids, depth, sizes, stem, max_column_h)
     return ui
 
 
@@ -238,8 +244,6 @@ def _lay_out(ui: dict, prompt: dict, ids: dict, depth: dict, sizes: dict, stem: 
              max_column_h: int = MAX_COLUMN_H) -> None:
     by_id = {n["id"]: n for n in ui["nodes"]}
     titles = _stage_titles(prompt, stem or "")
-    ui["groups"] = []
-    ui["nodes"] = [n for n in ui["nodes"] if n["type"] not in VIRTUAL_TYPES]
     note = None
     if stem is not None:
         nid = len(ui["nodes"]) + 1
@@ -416,8 +420,7 @@ def main() -> None:
             sizes = {n["id"]: n["min_size"] for n in fe.snapshot()["nodes"]}
             best = None
             for max_h in range(600, 2001, 50):  # the column height that gives the largest view
-                ui = api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS, sizes, stem)
-                _lay_out(ui, prompt, *_ids_depth(prompt), sizes, stem, max_column_h=max_h)
+                ui = api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS, sizes, stem, max_column_h=max_h)
                 scale = fit_view(ui, canvas, blocked, frontend.BLOCK_STEP)
                 if best is None or scale > best[0] + 1e-3:
                     best = (scale, ui)
@@ -434,22 +437,6 @@ def main() -> None:
             png.unlink()
             flag = "" if scale >= readable else "  (below the zoom that draws text)"
             print(f"wrote {target.name} and its thumbnail: view scale {scale:.3f}{flag}")
-
-
-def _ids_depth(prompt: dict):
-    ids = {k: i + 1 for i, k in enumerate(prompt)}
-    depth: dict[str, int] = {}
-
-    def d(k):
-        if k not in depth:
-            depth[k] = 0
-            ups = [v[0] for v in prompt[k]["inputs"].values() if isinstance(v, list)]
-            depth[k] = 1 + max((d(u) for u in ups), default=-1)
-        return depth[k]
-
-    for k in prompt:
-        d(k)
-    return ids, depth
 
 
 if __name__ == "__main__":
