@@ -58,21 +58,12 @@ def workflow(size: int, steps: int) -> dict:
     return prompt
 
 
-async def ready(servers) -> None:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(run_workflow.wait_ready(session, s.url, s, 300) for s in servers))
-
-
 def measure(n: int, comfy_dir: Path, ckpt_dir: Path, prompt: dict, photos: list[Path], warm: Path, out: Path,
             threads: int) -> dict:
     servers = [run_workflow.LocalComfy(comfy_dir, ckpt_dir, True, [], env={"OMP_NUM_THREADS": str(threads)})
                for _ in range(n)]
     try:
-        for s in servers:
-            s.start(300)
-        asyncio.run(ready(servers))
+        run_workflow.start_local_servers(servers, 300)
         urls = [s.url for s in servers]
         for u in urls:  # warm-up: one photo per server, not timed
             r = asyncio.run(run_workflow.run_batch(prompt, [warm], [u], out / f"warm-{n}", 1800))

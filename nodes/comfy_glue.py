@@ -623,11 +623,10 @@ def attention_layers(model) -> list[tuple[str, int, int]]:
     return keys
 
 
-def masactrl_start_layer(model) -> int:
-    """MasaCtrl's default start layer for this UNet: its first decoder (output-block) layer plus a
-    third of its decoder layers -- the paper's 10 for SD1.x/2.x (16 layers, decoder 7-15), 46 for
-    SDXL (70 layers, decoder 34-69)."""
-    layers = attention_layers(model)
+def masactrl_start_layer(layers: list[tuple[str, int, int]]) -> int:
+    """MasaCtrl's default start layer for a UNet's attention layers (:func:`attention_layers`): its
+    first decoder (output-block) layer plus a third of its decoder layers -- the paper's 10 for
+    SD1.x/2.x (16 layers, decoder 7-15), 46 for SDXL (70 layers, decoder 34-69)."""
     decoder = [n for n, (block, _i, _j) in enumerate(layers) if block == "output"]
     if not decoder:
         return 0

@@ -279,7 +279,7 @@ class _Edit:
             layers = glue.attention_layers(model)
             masa = attention_control.masactrl
             if masa is not None and masa.start_layer < 0:
-                masa = dataclasses.replace(masa, start_layer=glue.masactrl_start_layer(model))
+                masa = dataclasses.replace(masa, start_layer=glue.masactrl_start_layer(layers))
                 attention_control = dataclasses.replace(attention_control, masactrl=masa)
             if masa is not None and masa.start_layer >= len(layers):
                 raise glue.InverseInputError(f"attention_control: MasaCtrl start_layer {masa.start_layer} is past this "

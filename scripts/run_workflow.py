@@ -218,6 +218,20 @@ class LocalComfy:
             self.log_file.close()
 
 
+def start_local_servers(servers: list, timeout: float) -> None:
+    """Starts local ComfyUIs and blocks until every one answers (for tests and benches)."""
+    for s in servers:
+        s.start(timeout)
+
+    async def ready():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(wait_ready(session, s.url, s, timeout) for s in servers))
+
+    asyncio.run(ready())
+
+
 # ---------------------------------------------------------------------------------------------
 # talking to it
 

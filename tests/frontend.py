@@ -220,20 +220,12 @@ class FrontendSession:
         self.inputs = inputs
 
     def __enter__(self) -> Frontend:
-        import asyncio
-
-        import aiohttp
         from playwright.sync_api import sync_playwright
 
         for f in self.inputs.iterdir():
             shutil.copy(f, self.local.tmp / "input" / f.name)
-        self.local.start(120)
         try:
-            async def ready():
-                async with aiohttp.ClientSession() as s:
-                    await self._rw.wait_ready(s, self.local.url, self.local, 120)
-
-            asyncio.run(ready())
+            self._rw.start_local_servers([self.local], 120)
             self._pw = sync_playwright().start()
             self._browser = self._pw.chromium.launch(
                 executable_path=find_chromium(), headless=True,

@@ -308,6 +308,12 @@ def test_example_api_workflow_runs_in_process(path):
     assert saves and all(k in outputs and outputs[k]["images"] for k in saves)
 
 
+def _custom_sampler(**inputs) -> dict:
+    """A SamplerCustomAdvanced node for the main example workflow, on its DisableNoise (13) and
+    CFGGuider (12) unless told otherwise."""
+    return {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["13", 0], "guider": ["12", 0], **inputs}}
+
+
 def test_invert_and_reconstruct_workflow_numbers():
     """Our sampler and ComfyUI's own ddim sampler agree, and both reconstruct the latent."""
     prompt = comfy_host.api_workflow("invert_and_reconstruct", size=64, steps=40)
@@ -316,9 +322,7 @@ def test_invert_and_reconstruct_workflow_numbers():
     _tap(prompt, "14", 0, "comfy")
     _tap(prompt, "7", 1, "noise")
     prompt["20"] = {"class_type": "InverseSamplerDDIMInversion", "inputs": {}}
-    prompt["21"] = {"class_type": "SamplerCustomAdvanced",
-                    "inputs": {"noise": ["13", 0], "guider": ["12", 0], "sampler": ["20", 0],
-                               "sigmas": ["7", 2], "latent_image": ["6", 0]}}
+    prompt["21"] = _custom_sampler(sampler=["20", 0], sigmas=["7", 2], latent_image=["6", 0])
     _tap(prompt, "21", 0, "noise_via_sampler")
     executor, server, outputs = comfy_host.run_prompt(prompt)
     assert executor.success
@@ -346,13 +350,9 @@ def test_exact_solvers_as_a_sampler_match_the_exact_inversion_node():
     _tap(prompt, "30", 1, "noise_node")
     prompt["31"] = {"class_type": "InverseSamplerDDIMInversion",
                     "inputs": {"method": "anderson", "iterations": 2, "tolerance": 1e-4}}
-    prompt["32"] = {"class_type": "SamplerCustomAdvanced",
-                    "inputs": {"noise": ["13", 0], "guider": ["12", 0], "sampler": ["31", 0],
-                               "sigmas": ["30", 2], "latent_image": ["6", 0]}}
+    prompt["32"] = _custom_sampler(sampler=["31", 0], sigmas=["30", 2], latent_image=["6", 0])
     _tap(prompt, "32", 0, "noise_sampler")
-    prompt["33"] = {"class_type": "SamplerCustomAdvanced",
-                    "inputs": {"noise": ["13", 0], "guider": ["12", 0], "sampler": ["11", 0],
-                               "sigmas": ["30", 2], "latent_image": ["32", 0]}}
+    prompt["33"] = _custom_sampler(sampler=["11", 0], sigmas=["30", 2], latent_image=["32", 0])
     _tap(prompt, "33", 0, "anderson_rec")
     executor, server, outputs = comfy_host.run_prompt(prompt)
     assert executor.success
@@ -526,15 +526,7 @@ def server():
     import run_workflow
 
     local = run_workflow.LocalComfy(comfy_host.COMFYUI_PATH, comfy_host.tiny_checkpoint().parent, True, [])
-    local.start(120)
-    import asyncio
-    import aiohttp
-
-    async def ready():
-        async with aiohttp.ClientSession() as s:
-            await run_workflow.wait_ready(s, local.url, local, 120)
-
-    asyncio.run(ready())
+    run_workflow.start_local_servers([local], 120)
     yield local
     local.stop()
 

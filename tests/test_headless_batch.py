@@ -46,17 +46,7 @@ def two_servers():
     ckpt_dir = comfy_host.tiny_checkpoint().parent
     servers = [run_workflow.LocalComfy(comfy_host.COMFYUI_PATH, ckpt_dir, True, [], env={"OMP_NUM_THREADS": "1"})
                for _ in range(2)]
-    for s in servers:
-        s.start(180)
-
-    async def ready():
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            for s in servers:
-                await run_workflow.wait_ready(session, s.url, s, 180)
-
-    asyncio.run(ready())
+    run_workflow.start_local_servers(servers, 180)
     yield servers
     for s in servers:
         s.stop()

@@ -122,12 +122,12 @@ def test_masactrl_default_layer_comes_from_the_model(pack, glue, sdxl):
     (16 layers, decoder 7-15) gives the paper's 10."""
     import comfy.supported_models as sm
 
-    assert glue.masactrl_start_layer(sdxl[0]) == 46
+    assert glue.masactrl_start_layer(glue.attention_layers(sdxl[0])) == 46
     sd15_layout = _unet_layout(32, 768, None, [1, 1, 1, 1, 1, 1, 0, 0], 1, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     with torch.inference_mode(False):
         model, _ = _build_model(sm.SD15, sd15_layout, 1)
     layers = glue.attention_layers(model)
-    assert len(layers) == 16 and glue.masactrl_start_layer(model) == 10
+    assert len(layers) == 16 and glue.masactrl_start_layer(layers) == 10
 
 
 @pytest.mark.parametrize("stem", [m[0] for m in __import__("ui_workflows").MANIFEST])
