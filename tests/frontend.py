@@ -163,9 +163,6 @@ class Frontend:
             out[k] = {"class_type": v["class_type"], "inputs": {n: x for n, x in v["inputs"].items() if n in declared}}
         return out
 
-    def serialize(self) -> dict:
-        return self.page.evaluate("() => window.app.graph.serialize()")
-
     def set_widgets(self, values: dict) -> None:
         """values: {node id: {widget name: value}}, set through the widgets as a user would."""
         missing = self.page.evaluate("""(values) => {

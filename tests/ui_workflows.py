@@ -111,7 +111,6 @@ MIN_H = {"SaveImage": 270, "CLIPTextEncode": 100, "PreviewAny": 100, "InversePro
 GAP_X, GAP_Y, TITLE_H, PAD, GROUP_TITLE = 36, 16, 30, 16, 44
 MAX_COLUMN_H = 1000
 NOTE_SIZE = (NODE_W, 250)
-CANVAS = (1400, 860)  # the canvas at tests/frontend.py's 1440x900 viewport (sidebar and tab bar left out)
 
 
 def ui_file(stem: str) -> Path:
@@ -122,13 +121,12 @@ def ui_file(stem: str) -> Path:
     raise KeyError(f"{stem} is not in tests/ui_workflows.py's MANIFEST")
 
 
-def _stage_titles(prompt: dict, stem: str) -> list[str]:
+def _stage_titles(prompt: dict) -> list[str]:
     types = {n["class_type"] for n in prompt.values()}
     if "InverseRestore" in types:
         return ["Load: model, photo, prompt", "Degrade (makes the test input)", "Restore", "Save"]
     if types & {"InverseProxEdit", "InverseProxEditGuider"}:
-        second = "Encode and invert"
-        return ["Load: model, photo, prompts", second, "Edit", "Decode and save"]
+        return ["Load: model, photo, prompts", "Encode and invert", "Edit", "Decode and save"]
     if types == types & {"CheckpointLoaderSimple", "LoadImage", "ImageScale", "VAEEncode", "InverseDecoderInversion",
                          "VAEDecode", "SaveImage"}:
         return ["Load: VAE and photo", "Encode and invert the decoder", "", "Decode and save"]
@@ -141,6 +139,7 @@ def note_text(stem: str) -> str:
     return (f"{title}\n\n{shows}\n\nChange: {change}.\n\nCheckpoint: any SD1.x/SD2.x/SDXL checkpoint "
             f"(the file named in Load Checkpoint is SD1.5's; the frontend offers its download if it is missing).\n\n"
             f"{GPU_NOTE}")
+
 
 def _inputs(node_cls) -> list[tuple[str, object, dict]]:
     spec = node_cls.INPUT_TYPES()
@@ -243,7 +242,7 @@ def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem:
 def _lay_out(ui: dict, prompt: dict, ids: dict, depth: dict, sizes: dict, stem: str | None,
              max_column_h: int = MAX_COLUMN_H) -> None:
     by_id = {n["id"]: n for n in ui["nodes"]}
-    titles = _stage_titles(prompt, stem or "")
+    titles = _stage_titles(prompt)
     note = None
     if stem is not None:
         nid = len(ui["nodes"]) + 1
