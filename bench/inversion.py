@@ -3,6 +3,7 @@ checkpoint) and through the analytic reference denoiser, at 50 and 4 steps, guid
 
     python bench/inversion.py            # full run (a few minutes on a CPU)
     python bench/inversion.py --quick    # under a minute: 10 instead of 50 steps on the ComfyUI path
+    python bench/inversion.py --memory   # RNRI's peak memory at 512 px on SD1.5's real-size UNet (3 min)
 
 For each backend, configuration and method it prints the reconstruction RMSE of z0 (invert, then
 sample back with the method's own sampling path at the same guidance), the per-step residual read
@@ -222,13 +223,120 @@ def comfy_backend():
     }
 
 
+RNRI_MEMORY_MODES = ("forward", "joint", "per_branch")
+
+
+def rnri_memory_worker(size: int, mode: str, save_to: str) -> dict:
+    """In this (fresh) process: SD1.5's real UNet (ComfyUI's SD15 class, 860M random weights,
+    float32) through the glue, one RNRI gradient dF/dz at guidance 7.5 on a size x size image's
+    latent, measured on its second run: "joint" differentiates the CFG objective through one
+    batched [prompt, negative] call (what solve_rnri did before), "per_branch" is what solve_rnri
+    does now (core/inversion.py _residual), "forward" one plain batched call for scale. Below
+    512 px the measured run is the second (first calls build oneDNN primitives that stay); at 512
+    px and above the first, to save time (those caches are small against the graph there)."""
+    import contextlib
+    import importlib
+
+    import comfy_host
+    from peak_memory import Peak, SavedTensors
+
+    pack = comfy_host.start_inprocess()
+    import comfy.supported_models as sm
+
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    inv = importlib.import_module(pack.__name__ + ".core.inversion")
+    layout = comfy_host.unet_layout(320, 768, None, [1, 1, 1, 1, 1, 1, 0, 0], 1, [0, 0, 0] + [1] * 9, heads=8)
+    with torch.inference_mode(False):
+        model, _ = comfy_host.random_model(sm.SD15, layout, 0)
+    g = torch.Generator().manual_seed(0)
+    conds = {name: [[torch.randn(1, 77, 768, generator=g), {}]] for name in ("c", "u")}
+    z = torch.randn(1, 4, size // 8, size // 8, generator=g)
+
+    def measure(pred):
+        grid = glue.make_grid(model, 50)
+        ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+        step = inv._Step(pred, z, ts[10], ab[9], ab[10], "c", "u", 7.5)
+
+        @contextlib.contextmanager
+        def grad_context():
+            with pred.autograd():
+                yield
+
+        def once():
+            if mode == "forward":
+                with torch.no_grad():
+                    return step.f(z)
+            if mode == "joint":
+                with grad_context():
+                    zz = z.clone().requires_grad_(True)
+                    F, _ = inv.rnri_objective(step, zz, 0.1)
+                    (grad,) = torch.autograd.grad(F.sum(), zz)
+                return grad
+            r, vjp = inv._residual(step, z, grad_context)
+            return vjp(torch.sign(r)) + 0.1 * step.prior_grad(z)
+
+        if size < 512:  # first calls build oneDNN primitives that stay: measure a second run
+            once()
+        t0 = time.perf_counter()
+        with Peak() as peak, SavedTensors(exclude=list(model.model.parameters())) as saved:
+            out = once()
+        torch.save(out, save_to)
+        return {"peak_rss_growth_mb": peak.mb, "autograd_saved_peak_mb": round(saved.peak / 2 ** 20, 1),
+                "seconds": round(time.perf_counter() - t0, 2), "unet_calls": pred.calls}
+
+    with torch.inference_mode():
+        return glue.run_with_predictor(model, conds, z.shape, measure)
+
+
+def rnri_memory(quick: bool) -> dict:
+    """RNRI's peak at 512 px (256 with --quick): each mode of :func:`rnri_memory_worker` in a
+    fresh process; the two gradients must agree."""
+    import subprocess
+    import tempfile
+
+    import comfy_host
+    from peak_memory import FRESH_ENV
+
+    if not comfy_host.HOST_FOUND:
+        print(f"[bench] {comfy_host.MISSING_REASON}; RNRI memory skipped", flush=True)
+        return {"skipped": comfy_host.MISSING_REASON}
+    size = 256 if quick else 512
+    res, grads = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in RNRI_MEMORY_MODES:
+            path = f"{tmp}/{mode}.pt"
+            proc = subprocess.run([sys.executable, __file__, "--memory-worker", f"{size}:{mode}:{path}"],
+                                  capture_output=True, text=True, env=FRESH_ENV)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-3000:])
+            res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            grads[mode] = torch.load(path)
+    for mode in res:
+        res[mode]["peak_vs_joint"] = round(res[mode]["peak_rss_growth_mb"] / res["joint"]["peak_rss_growth_mb"], 2)
+    res["per_branch_vs_joint_gradient_rel_diff"] = float((grads["per_branch"] - grads["joint"]).norm()
+                                                         / grads["joint"].norm())
+    print(f"rnri memory {size}px: " + json.dumps(res), flush=True)
+    return {f"{size}px": res}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10 instead of 50 steps on the ComfyUI path")
     ap.add_argument("--backend", choices=["all", "reference", "comfy"], default="all")
+    ap.add_argument("--memory", action="store_true",
+                    help="only RNRI's memory: one gradient through SD1.5's real-size UNet at 512 px")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_worker:
+        size, mode, path = args.memory_worker.split(":", 2)
+        print(json.dumps(rnri_memory_worker(int(size), mode, path)))
+        return
     torch.manual_seed(0)
     out = {"quick": args.quick, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.memory:
+        out["rnri_memory"] = rnri_memory(args.quick)
+        print(json.dumps(out))
+        return
     full = [(50, 1.0), (50, 7.5), (4, 1.0), (4, 7.5)]
     if args.backend in ("all", "reference"):
         ref = reference_backend()

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from peak_memory import FRESH_ENV, Peak  # noqa: E402
 
 
 def _pack():
@@ -49,37 +49,6 @@ def _pack():
     from comfyui_inverse.core import operators as ops, restoration as rs, schedule
     from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
     return ops, rs, schedule, GaussianMixtureDenoiser, MixturePrior
-
-
-class Peak:
-    """Peak resident-memory growth (MB) while the block runs (CUDA: peak allocated)."""
-
-    def __enter__(self):
-        self.base = self._rss()
-        self.peak = self.base
-        self.stop = False
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self.t = threading.Thread(target=self._poll, daemon=True)
-        self.t.start()
-        return self
-
-    @staticmethod
-    def _rss() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-    def _poll(self):
-        while not self.stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.t.join()
-        self.mb = round(self.peak - self.base, 1)
-        if torch.cuda.is_available():
-            self.mb = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
 
 
 class Counting:
@@ -290,38 +259,43 @@ def protocol_b(quick: bool) -> dict:
     return out
 
 
-MEMORY_MODES = {"tiled_64": {"tile": 64, "overlap": 8}, "tiled_16": {"tile": 16, "overlap": 2}, "tiled_32": {"tile": 32, "overlap": 4}, "checkpoint": {"tile": 0},
+MEMORY_MODES = {"tiled_40": {"tile": 40, "overlap": 5}, "tiled_32": {"tile": 32, "overlap": 4},
+                "tiled_16": {"tile": 16, "overlap": 2}, "checkpoint": {"tile": 0},
                 "full": {"tile": 0, "checkpoint": False}}
 
 
 def memory_worker(size: int, mode: str) -> dict:
-    """One gradient through the TAEF2 decoder in this (fresh) process."""
+    """One gradient through the TAEF2 decoder in this (fresh) process, after one unmeasured run
+    of the same (first calls build oneDNN primitives that stay): peak RSS growth, the bytes
+    autograd keeps between forward and backward, seconds of the measured run."""
     import taef2
+    from peak_memory import SavedTensors
 
     _pack()
     from comfyui_inverse.core.tiling import decode_bounded
 
     _, dec = taef2.load()
     z = torch.randn(1, 32, size // 8, size // 8).requires_grad_(True)
-    saved = [0]
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
+    def once():
+        with SavedTensors() as saved:
+            x = decode_bounded(dec, z, **MEMORY_MODES[mode])
+            kept = saved.live
+        x.pow(2).mean().backward()
+        return kept
 
+    once()
     t0 = time.perf_counter()
     with Peak() as peak:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x = decode_bounded(dec, z, **MEMORY_MODES[mode])
-        x.pow(2).mean().backward()
-    return {"autograd_saved_mb": round(saved[0] / 2 ** 20, 1), "peak_rss_growth_mb": peak.mb,
+        kept = once()
+    return {"autograd_saved_mb": round(kept / 2 ** 20, 1), "peak_rss_growth_mb": peak.mb,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def decoder_memory(quick: bool) -> dict:
     """Memory of one gradient through the TAEF2 decoder at 512 and 1024 px for full / checkpointed /
-    tiled decoding, each in a fresh process: bytes autograd keeps for the backward pass and peak
-    RSS growth over the loaded model."""
+    tiled decoding (tiled_40 is the Restore node's default), each in a fresh process: peak RSS
+    growth over the loaded model, bytes autograd keeps between forward and backward."""
     import subprocess
 
     import taef2
@@ -329,12 +303,14 @@ def decoder_memory(quick: bool) -> dict:
     if not taef2.available():
         return {"skipped": "TAEF2 weights not found"}
     out = {}
-    for size in ((256,) if quick else (512, 1024)):
+    for size in ((512,) if quick else (512, 1024)):
         res = {}
-        for mode in (("tiled_16", "full") if quick else [m for m in MEMORY_MODES if m != "tiled_16"]):
+        for mode in (("tiled_40", "full") if quick else list(MEMORY_MODES)):
             proc = subprocess.run([sys.executable, __file__, "--memory-worker", f"{size}:{mode}"], capture_output=True,
-                                  text=True, check=True)
+                                  text=True, check=True, env=FRESH_ENV)
             res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for mode in res:
+            res[mode]["peak_vs_full"] = round(res[mode]["peak_rss_growth_mb"] / res["full"]["peak_rss_growth_mb"], 2)
         out[f"{size}px"] = res
         print(f"decoder memory {size}px: " + json.dumps(res), flush=True)
     return out

@@ -18,7 +18,8 @@ share lives in :class:`_Track`:
 
 Solvers (model calls per step with ``iterations = K``):
 - :func:`solve_rnri`: Regularized Newton-Raphson, eq. 7-8, derivatives by autograd through the
-  model, from z^0 = z_s (K forward+backward, 1 forward).
+  model, from z^0 = z_s (K forward+backward, 1 forward; with CFG each update is one plain batched
+  forward, then a forward+backward per branch, so the peak is one branch's graph: :func:`_residual`).
 - :func:`solve_rnri_jacobian_free`: the authors' public code: the model call detached, so
   dF/dz = -sign(f(z) - z) + the prior term; K updates, then f(z^K) is returned (K + 1 forward).
 - :func:`solve_fixed_point`: z <- f(z) (AIDI / ReNoise) (K + 1 forward).
@@ -161,26 +162,62 @@ class _Track:
         return self.z, self.hist, float(self.res.mean())
 
 
+def _residual(step: _Step, z: Tensor, grad_context: GradContext) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """r(z) = z - f(z) and a function v -> (dr/dz)^T v = v - (df/dz)^T v.
+
+    With one prompt branch (no CFG) r is computed once with its graph and the product is one
+    backward pass. With CFG, f is linear in eps = sum_b w_b eps_b (w = g for the prompt, 1 - g
+    for the negative), so (df/dz)^T v = sum_b w_b (df/deps)(deps_b/dz)^T v: r comes from a plain
+    batched call, and each branch's product from its own forward + backward, freed before the next
+    one is built. The peak autograd memory is one branch's model graph at the batch size instead of
+    the joint CFG batch's two (about half), at one extra forward pass (bench/inversion.py: memory)."""
+    if step.uncond is None or step.guidance == 1.0:
+        with grad_context():
+            zz = z.detach().clone().requires_grad_(True)
+            r = zz - step.f(zz)
+
+        def vjp(v: Tensor) -> Tensor:
+            with grad_context():
+                (g,) = torch.autograd.grad(r, zz, grad_outputs=v)
+            return g.detach()
+
+        return r.detach(), vjp
+    with torch.no_grad():
+        r = z - step.f(z)
+
+    def vjp(v: Tensor) -> Tensor:
+        out = v.clone()
+        for cond, w in ((step.cond, step.guidance), (step.uncond, 1.0 - step.guidance)):
+            with grad_context():
+                zz = z.detach().clone().requires_grad_(True)
+                eps = step.predictor(zz, step.t, [cond])[0].to(step.z_s.dtype)
+                (g,) = torch.autograd.grad(ddim_step(torch.zeros_like(step.z_s), w * eps, step.a_s, step.a_t), zz,
+                                           grad_outputs=v)
+            out -= g.detach()
+        return out
+
+    return r, vjp
+
+
 def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """RNRI eq. 8, per image: z_i <- z_i - F(z) / (d (g_i + eta)), g = dF/dz by autograd through
-    the model, d the number of elements of one image, from z^0 = z_s. The sign of g is kept when
-    adding eta, and each update is clamped to ``max_update``."""
+    the model (dF/dz = (dr/dz)^T sign(r) + lambda (z - m) / v, one prompt branch per backward
+    pass: :func:`_residual`), d the number of elements of one image, from z^0 = z_s. The sign of
+    g is kept when adding eta, and each update is clamped to ``max_update``."""
     z, track = step.z_s.detach().clone(), None
     d = z[0].numel()
     for k in range(cfg.iterations):
-        with grad_context():
-            zz = z.detach().clone().requires_grad_(True)
-            F, r = rnri_objective(step, zz, cfg.lam)
-            if track is None:
-                track = _Track(step.z_s, r, cfg.tol)
-            else:
-                track.offer(z, r)
-            if track.all_done:
-                return track.result()
-            (g,) = torch.autograd.grad(F.sum(), zz)
-        g = g.detach()
+        r, vjp = _residual(step, z, grad_context)
+        if track is None:
+            track = _Track(step.z_s, r, cfg.tol)
+        else:
+            track.offer(z, r)
+        if track.all_done:
+            return track.result()
+        F = r.abs().flatten(1).sum(1) + cfg.lam * step.prior_nll(z)
+        g = vjp(torch.sign(r)) + cfg.lam * step.prior_grad(z)
         denom = g + cfg.eta * torch.where(g >= 0, 1.0, -1.0)
-        update = (_per_image(F.detach(), z) / d) / denom
+        update = (_per_image(F, z) / d) / denom
         z = track.step(z, z - update.clamp(-cfg.max_update, cfg.max_update))
     with torch.no_grad():
         r = z - step.f(z)
@@ -233,21 +270,23 @@ def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext)
 
 
 def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
-    """Gradient descent z <- z - lr * grad 0.5 ||z - f(z)||^2 from z^0 = z_s (ExactDPM-style baseline)."""
+    """Gradient descent z <- z - lr * grad 0.5 ||z - f(z)||^2 = (dr/dz)^T r from z^0 = z_s
+    (ExactDPM-style baseline; one prompt branch per backward pass, :func:`_residual`)."""
     z, track = step.z_s.detach().clone(), None
     for k in range(cfg.iterations + 1):
         last = k == cfg.iterations
-        with grad_context():
-            zz = z.detach().clone().requires_grad_(not last)
-            r = zz - step.f(zz)
-            if track is None:
-                track = _Track(step.z_s, r, cfg.tol)
-            else:
-                track.offer(z, r)
-            if last or track.all_done:
-                break
-            (g,) = torch.autograd.grad(0.5 * (r ** 2).sum(), zz)
-        z = track.step(z, z - cfg.lr * g.detach())
+        if last:
+            with torch.no_grad():
+                r = z - step.f(z)
+        else:
+            r, vjp = _residual(step, z, grad_context)
+        if track is None:
+            track = _Track(step.z_s, r, cfg.tol)
+        else:
+            track.offer(z, r)
+        if last or track.all_done:
+            break
+        z = track.step(z, z - cfg.lr * vjp(r))
     return track.result()
 
 

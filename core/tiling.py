@@ -28,12 +28,18 @@ def _maybe_checkpoint(fn: Callable[[Tensor], Tensor], z: Tensor, checkpoint: boo
     return fn(z)
 
 
-def _starts(n: int, tile: int, overlap: int) -> list[int]:
+def tile_spans(n: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """Split a side of ``n`` latent pixels into the fewest equal tiles no longer than ``tile`` that
+    overlap by about ``overlap``: k = ceil((n - o) / (tile - o)) tiles of length
+    L = ceil((n + (k - 1) o) / k) <= tile, spread evenly from 0 to n - L. Returns (L, starts).
+    Equal tiles keep the peak at one tile of at most ``tile`` whatever ``n`` is (a 64-latent
+    side with tile 40 and overlap 5 becomes 2 tiles of 35, not 40 + a sliver)."""
     if n <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, n - tile, stride)) + [n - tile]
-    return sorted(set(starts))
+        return n, [0]
+    overlap = max(0, min(overlap, tile - 1))
+    k = -(-(n - overlap) // (tile - overlap))
+    length = -(-(n + (k - 1) * overlap) // k)
+    return length, [round(i * (n - length) / (k - 1)) for i in range(k)]
 
 
 def _ramp(n: int, ov: int, lo_edge: bool, hi_edge: bool, like: Tensor) -> Tensor:
@@ -50,8 +56,9 @@ def _ramp(n: int, ov: int, lo_edge: bool, hi_edge: bool, like: Tensor) -> Tensor
 def decode_bounded(decode: Callable[[Tensor], Tensor], z: Tensor, tile: int = 0, overlap: int = 8,
                    checkpoint: bool = True) -> Tensor:
     """decode(z) for [B, C, h, w] latents with bounded autograd memory: with ``tile`` > 0 (latent
-    pixels) over overlapping tiles blended linearly across ``overlap`` latent pixels, each tile
-    checkpointed when ``checkpoint`` (a latent that fits one tile is decoded plainly); with
+    pixels) over the equal overlapping tiles of :func:`tile_spans` (each side at most ``tile``),
+    blended linearly across ``overlap`` latent pixels, each tile checkpointed when ``checkpoint``
+    (a latent that fits one tile is decoded plainly); with
     ``tile`` 0 the whole decode is checkpointed when ``checkpoint``. Outputs [B, C', s h, s w]."""
     B, _, h, w = z.shape
     if tile <= 0:
@@ -61,20 +68,20 @@ def decode_bounded(decode: Callable[[Tensor], Tensor], z: Tensor, tile: int = 0,
         # decode), so decode plainly
         return decode(z)
     overlap = max(0, min(overlap, tile // 2))
-    ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+    (len_y, ys), (len_x, xs) = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     out = weight = None
     s = None
     for y0 in ys:
         for x0 in xs:
-            zt = z[..., y0:y0 + tile, x0:x0 + tile]
+            zt = z[..., y0:y0 + len_y, x0:x0 + len_x]
             xt = _maybe_checkpoint(decode, zt, checkpoint)
             if out is None:
                 s = xt.shape[-1] // zt.shape[-1]
                 out = xt.new_zeros(B, xt.shape[1], h * s, w * s)
                 weight = xt.new_zeros(1, 1, h * s, w * s)
             th, tw = xt.shape[-2], xt.shape[-1]
-            wy = _ramp(th, overlap * s, y0 == 0, y0 + tile >= h, xt)
-            wx = _ramp(tw, overlap * s, x0 == 0, x0 + tile >= w, xt)
+            wy = _ramp(th, overlap * s, y0 == 0, y0 + len_y >= h, xt)
+            wx = _ramp(tw, overlap * s, x0 == 0, x0 + len_x >= w, xt)
             wm = (wy[:, None] * wx[None, :])[None, None]
             region = (Ellipsis, slice(y0 * s, y0 * s + th), slice(x0 * s, x0 * s + tw))
             out[region] = out[region] + xt * wm

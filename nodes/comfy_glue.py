@@ -728,12 +728,13 @@ class LatentCodec:
     """decode: model-space latent (after the latent format) -> image [B, 3, H, W] in [-1, 1];
     encode: the reverse. Both differentiable inside ``autograd()``; float32 in and out, the VAE
     runs in its own dtype. ``memory`` bounds the decoder's autograd memory (core/tiling.py):
-    "tiled" decodes overlapping tiles of ``tile`` latent pixels one at a time, each checkpointed
-    (the peak is one tile's graph; a latent within one tile decodes plainly), "checkpoint" recomputes the whole decoder in the backward pass
-    (holds nothing between forward and backward, but the recomputation peaks like "full"),
-    "full" keeps every activation."""
+    "tiled" decodes the fewest equal overlapping tiles of at most ``tile`` latent pixels a side
+    one at a time, each checkpointed (the peak is one tile's graph; a latent within one tile
+    decodes plainly), "checkpoint" recomputes the whole decoder in the backward pass (holds
+    nothing between forward and backward, but the recomputation peaks like "full"), "full" keeps
+    every activation. :meth:`decode_output` gives the final image through ComfyUI's own decode."""
 
-    def __init__(self, vae, model, memory: str = "tiled", tile: int = 64):
+    def __init__(self, vae, model, memory: str = "tiled", tile: int = 40):
         if memory not in DECODER_MEMORY:
             raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
         self.vae = vae
@@ -756,6 +757,13 @@ class LatentCodec:
         tile = self.tile if self.memory == "tiled" else 0
         return decode_bounded(self._decode_raw, raw, tile=tile, overlap=max(1, tile // 8),
                               checkpoint=self.memory != "full").to(z.device)
+
+    def decode_output(self, z: Tensor) -> Tensor:
+        """The final image as ComfyUI's VAE Decode makes it (whole, with ComfyUI's own memory
+        management and clamping, no tiles of ours): [B, 3, H, W] in [-1, 1]."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        img = self.vae.decode(self.latent_format.process_out(z.float()))
+        return img.movedim(-1, 1).float().to(z.device) * 2.0 - 1.0
 
     def encode(self, x: Tensor) -> Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()

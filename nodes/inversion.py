@@ -193,7 +193,9 @@ class ExactInversion(io.ComfyNode):
                                tooltip="Solver for each step's implicit equation (see the description)."),
                 io.Int.Input("iterations", default=2, min=0, max=100,
                              tooltip="Most updates per step. Model calls per step: iterations + 1 (anderson, "
-                                     "fixed_point, rnri_jacobian_free; rnri adds a backward pass to each update); "
+                                     "fixed_point, rnri_jacobian_free); rnri and gradient_descent: each update adds a "
+                                     "forward and backward pass per CFG branch, one branch at a time so memory stays "
+                                     "that of one branch's graph; "
                                      "newton_krylov: 2 + iterations x (krylov + 1)."),
                 io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
                                tooltip="Stop an image's step once its mean|z - f(z)| is below this."),

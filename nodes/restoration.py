@@ -189,13 +189,17 @@ class Restore(io.ComfyNode):
                 io.Float.Input("p2l_cg_lambda", default=0.01, min=1e-6, max=10.0, step=1e-4,
                                tooltip="P2L: proximal weight of the projection (small: trust the measurement)."),
                 io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
-                               tooltip="Autograd memory of the decoder: tiled (images larger than tile_size decode in "
-                                       "checkpointed tiles one at a time, so memory stays that of one tile; smaller "
-                                       "ones decode plainly), checkpoint (recompute the whole decoder in the backward "
-                                       "pass), full (fastest, most memory)."),
-                io.Int.Input("tile_size", default=64, min=16, max=256, step=8,
-                             tooltip="Tile size in latent pixels for decoder_memory 'tiled' (64 = 512 px; 32 halves "
-                                     "the decoder's memory at 512 px, with seams feathered over the overlap)."),
+                               tooltip="Autograd memory of the decoder: tiled (the image is cut into the fewest equal "
+                                       "overlapping tiles no larger than tile_size, decoded one at a time and "
+                                       "recomputed in the backward pass, so the peak is that of one tile whatever the "
+                                       "image size), checkpoint (recompute the whole decoder in the backward pass: "
+                                       "holds less between steps but peaks like full), full (fastest, most memory). "
+                                       "The output image is always decoded whole, as VAE Decode does."),
+                io.Int.Input("tile_size", default=40, min=16, max=256, step=8,
+                             tooltip="Largest tile side in latent pixels for decoder_memory 'tiled' (40 = 320 px: a "
+                                     "512x512 image decodes as 4 tiles of 280 px, about a third of the memory of a "
+                                     "whole decode; images up to 320 px decode whole). Seams are feathered over "
+                                     "an eighth of the tile."),
                 io.Int.Input("stsl_noise_samples", default=2, min=1, max=8, optional=True,
                              tooltip="STSL: noise samples N averaged in each Hutchinson trace estimate, evaluated in "
                                      "one batched model call (paper: 2)."),
@@ -274,7 +278,7 @@ class Restore(io.ComfyNode):
                 extra = {"embedding_change": float((tuned - emb.to(tuned)).norm() / emb.norm().clamp_min(1e-12)),
                          "prompt_loss_first_step": losses[:2]}
             with torch.no_grad():
-                x_hat = codec.decode(z)
+                x_hat = codec.decode_output(z)
                 r = float((yy - operator.A(x_hat)).reshape(B, -1).norm(dim=1).mean())
             m = yy[0].numel()
             report = {"method": method, "steps": grid.steps, "unet_calls": pred.calls,

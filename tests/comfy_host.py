@@ -160,3 +160,47 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
             if steps is not None:
                 inputs["start_step"] = min(inputs["start_step"], steps // 3)
     return prompt
+
+
+def init_random(module, seed: int) -> None:
+    """ComfyUI builds layers without initialising them: give every weight a scaled normal draw."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() <= 1:
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))  # norms: identity
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+
+
+def unet_layout(channels: int, context: int, adm: int | None, depth: list, middle: int, out_depth: list,
+                heads: int = -1) -> dict:
+    """A UNet config in ComfyUI's format: SD1.x/SDXL block layouts at any width (attention heads of
+    32 channels, or ``heads`` heads as in SD1.x's real config)."""
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False, "in_channels": 4, "model_channels": channels, "num_res_blocks": [2] * (len(depth) // 2),
+           "transformer_depth": depth, "channel_mult": [1, 2, 4, 4][:len(depth) // 2],
+           "transformer_depth_middle": middle, "use_linear_in_transformer": adm is not None, "context_dim": context,
+           "num_head_channels": 32 if heads < 0 else -1, "num_heads": heads, "transformer_depth_output": out_depth,
+           "use_temporal_attention": False, "use_temporal_resblock": False}
+    if adm is not None:
+        cfg.update(num_classes="sequential", adm_in_channels=adm)
+    return cfg
+
+
+def random_model(config_cls, unet_config: dict, seed: int):
+    """A ModelPatcher of ComfyUI's model class for ``config_cls`` (e.g. supported_models.SDXL),
+    float32, weights from :func:`init_random`; also returns the model config."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+
+    model_config = config_cls(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_random(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device()), model_config

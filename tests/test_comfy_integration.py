@@ -1118,7 +1118,7 @@ def _restore_args(**kw):
     args = dict(method="stsl", steps=4, seed=0, step_size=1.0, gluing=0.1, stochasticity=0.0, stsl_inner_steps=2,
                 stsl_lambda=1.0, stsl_trace_weight=0.02, stsl_lr=0.05, stsl_start="measurement", p2l_prompt_steps=1,
                 p2l_prompt_lr=1e-2, p2l_project_every=2, p2l_cg_iters=10, p2l_cg_lambda=0.01,
-                decoder_memory="tiled", tile_size=64)
+                decoder_memory="tiled", tile_size=40)
     args.update(kw)
     return args
 
@@ -1188,6 +1188,27 @@ def test_restore_p2l_tunes_the_prompt_and_decoder_memory_modes_agree(pack, loade
             for m in ("full", "checkpoint", "tiled")}
     assert _rel(imgs["checkpoint"], imgs["full"]) < 1e-5
     assert _rel(imgs["tiled"], imgs["full"]) < 1e-5   # the 8x8 latent fits in one 16-pixel tile
+
+
+def test_restore_decoder_defaults_decode_512px_in_bounded_tiles_and_output_whole(pack, glue, loaded):
+    """The Restore node's defaults (tiled, tile_size 40) at 512 px: every decoder call of a gradient
+    sees a tile of at most 40 latent pixels a side (2 x 2 tiles of 35, each run forward and again
+    in the backward pass), the gradient is finite, and the output image is ComfyUI's whole decode."""
+    model, clip, vae = loaded[:3]
+    with torch.inference_mode():
+        codec = glue.LatentCodec(vae, model)
+        seen, decode_raw = [], codec._decode_raw
+        codec._decode_raw = lambda raw: seen.append(tuple(raw.shape[-2:])) or decode_raw(raw)
+        z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
+        with codec.autograd():
+            zz = z.clone().requires_grad_(True)
+            x = codec.decode(zz)
+            (g,) = torch.autograd.grad(x.pow(2).mean(), zz)
+        assert x.shape == (1, 3, 512, 512) and seen == [(35, 35)] * 8, seen
+        assert torch.isfinite(g).all() and float(g.abs().max()) > 0
+        out = codec.decode_output(z)
+        ref = vae.decode(model.get_model_object("latent_format").process_out(z)).movedim(-1, 1) * 2 - 1
+    assert torch.equal(out, ref.float())
 
 
 def test_restore_bad_inputs_get_clear_errors(pack, loaded):

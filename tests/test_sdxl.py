@@ -28,40 +28,7 @@ from test_comfy_integration import glue, pack  # noqa: E402,F401  (fixtures)
 LOADER = "InverseTestTinySDXL"
 
 
-def _init_random(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI builds layers without initialising them: give every weight a scaled normal draw."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() <= 1:
-                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))  # norms: identity
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-
-
-def _unet_layout(channels: int, context: int, adm: int | None, depth: list, middle: int, out_depth: list) -> dict:
-    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-           "legacy": False, "in_channels": 4, "model_channels": channels, "num_res_blocks": [2] * (len(depth) // 2),
-           "transformer_depth": depth, "channel_mult": [1, 2, 4, 4][:len(depth) // 2],
-           "transformer_depth_middle": middle, "use_linear_in_transformer": adm is not None, "context_dim": context,
-           "num_head_channels": 32, "transformer_depth_output": out_depth, "use_temporal_attention": False,
-           "use_temporal_resblock": False}
-    if adm is not None:
-        cfg.update(num_classes="sequential", adm_in_channels=adm)
-    return cfg
-
-
-def _build_model(config_cls, unet_config: dict, seed: int):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    model_config = config_cls(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
-    _init_random(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device()), model_config
+_init_random, _unet_layout, _build_model = comfy_host.init_random, comfy_host.unet_layout, comfy_host.random_model
 
 
 @pytest.fixture(scope="module")
