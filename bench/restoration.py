@@ -352,7 +352,7 @@ def protocol_a(quick: bool) -> dict:
                 t0 = time.perf_counter()
                 with Peak() as peak, torch.inference_mode():
                     img, _, rep = r.Restore.execute(model, vae, pos, y, op, method, steps, 0, 1.0, 0.1, 0.0, 5, 1.0, 0.02,
-                                                    0.01, "measurement", 1, 1e-3, 4, 10, 0.01, "tiled", 64).args
+                                                    0.01, "measurement", 1, 1e-3, 4, 10, 0.01, "tiled", 40).args
                 rep = json.loads(rep)
                 res[method] = {"consistency": round(rep["consistency"], 3), "unet_calls": len(batches),
                                "unet_batch_elements": sum(batches), "seconds": round(time.perf_counter() - t0, 2),
@@ -365,12 +365,71 @@ def protocol_a(quick: bool) -> dict:
     return out
 
 
+def restore_memory_worker(decoder_memory: str, steps: int) -> dict:
+    """In this (fresh) process: the Restore node (LDPS, x4 SR of a 128 px measurement into 512 px)
+    with SD1.5's real UNet (ComfyUI's SD15 class, 860M random weights, float32) and the SD VAE's
+    real architecture (the tiny checkpoint's VAE, random weights): peak RSS growth over the loaded
+    models, seconds, the decoder's share."""
+    import comfy_host
+
+    pack = comfy_host.start_inprocess()
+    import comfy.sd
+    import comfy.supported_models as sm
+
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    layout = comfy_host.unet_layout(320, 768, None, [1, 1, 1, 1, 1, 1, 0, 0], 1, [0, 0, 0] + [1] * 9, heads=8)
+    with torch.inference_mode(False):
+        model, _ = comfy_host.random_model(sm.SD15, layout, 0)
+    with torch.inference_mode():
+        vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[2]
+        pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
+        op = r.DegradationOperator.execute("sr_avgpool", 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
+        y = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(2))
+    t0 = time.perf_counter()
+    with Peak() as peak, torch.inference_mode():
+        img, _, rep = r.Restore.execute(model, vae, pos, y, op, "ldps", steps, 0, 1.0, 0.1, 0.0, 5, 1.0, 0.02, 0.01,
+                                        "measurement", 1, 1e-3, 4, 10, 0.01, decoder_memory, 40).args
+    rep = json.loads(rep)
+    return {"peak_rss_growth_mb": peak.mb, "seconds": round(time.perf_counter() - t0, 1), "image": list(img.shape),
+            "finite": bool(torch.isfinite(img).all()), "unet_calls": rep["unet_calls"],
+            "decoder_calls": rep["decoder_calls"]}
+
+
+def protocol_r(quick: bool) -> dict:
+    """(r) The Restore node at 512 px with real-size SD1.5 parts, decoder_memory full vs the default
+    tiled (40), each in a fresh process."""
+    import subprocess
+
+    import comfy_host
+
+    if not comfy_host.HOST_FOUND:
+        return {"skipped": comfy_host.MISSING_REASON}
+    steps = 1 if quick else 2
+    res = {}
+    for mode in ("full", "tiled", "checkpoint"):
+        proc = subprocess.run([sys.executable, __file__, "--restore-worker", f"{mode}:{steps}"], capture_output=True,
+                              text=True, env=FRESH_ENV)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for mode in res:
+        res[mode]["peak_vs_full"] = round(res[mode]["peak_rss_growth_mb"] / res["full"]["peak_rss_growth_mb"], 2)
+    print("(r) Restore at 512 px, SD1.5 sizes: " + json.dumps(res), flush=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="under a minute")
-    ap.add_argument("--protocols", default="fcbma", help="f (fidelity fixes), c, b, a and m (decoder memory)")
+    ap.add_argument("--protocols", default="fcbma", help="f (fidelity fixes), c, b, a, m (decoder memory) and r "
+                                                         "(Restore's memory at 512 px with SD1.5 sizes, ~10 minutes)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--restore-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.restore_worker:
+        mode, steps = args.restore_worker.split(":")
+        print(json.dumps(restore_memory_worker(mode, int(steps))))
+        return
     if args.memory_worker:
         size, mode = args.memory_worker.split(":")
         print(json.dumps(memory_worker(int(size), mode)))
@@ -378,7 +437,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = {"quick": args.quick}
     t0 = time.perf_counter()
-    for p, fn in (("f", protocol_f), ("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a)):
+    for p, fn in (("f", protocol_f), ("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a),
+                  ("r", protocol_r)):
         if p in args.protocols:
             results[p] = fn(args.quick)
     results["seconds"] = round(time.perf_counter() - t0, 1)
