@@ -12,6 +12,16 @@ that ComfyUI maps them back to exactly the integer timestep we mean. This holds 
 v-prediction models alike (ComfyUI's denoised output already accounts for the parameterisation)
 and for LCM's distilled sampling table.
 
+Flow-matching models (SD3/SD3.5's discrete flow, Flux; ComfyUI's CONST prediction): a latent
+``x = (1 - s) x0 + s eps`` at flow time ``s`` with the model predicting v = eps - x0 is the DDPM
+family in other coordinates: ``x / (1 - s) = x0 + sigma eps`` with ``sigma = s / (1 - s)``, so
+``abar = 1 / (1 + sigma^2)`` and ``z = x sqrt(abar) / (1 - s) = x (1 + sigma) / sqrt(1 + sigma^2)``;
+Tweedie's x0 is ComfyUI's denoised ``x - s v`` and ``eps = (x - (1 - s) x0) / s``. A DDIM step in
+those coordinates is exactly an Euler step of the flow ODE (tests/test_flow.py derives and checks
+each identity against ComfyUI's model_sampling). :class:`Coords` holds the two mappings; core/ keeps
+one set of solvers. Pure noise (s = 1) has abar = 0, where the eps parameterisation cannot give x0,
+so flow grids stop at s <= :data:`FLOW_MAX_S` (a ComfyUI schedule's sigma 1.0 is read as that level).
+
 Model loading, patches, hooks, ControlNets and area/mask conditioning all go through ComfyUI's own
 ``CFGGuider.sample`` machinery: the predictor lives inside a SAMPLER that the guider runs, and
 every call goes through ``comfy.samplers.calc_cond_batch``, which batches the conditionings into
@@ -55,22 +65,69 @@ def model_sampling_of(model) -> Any:
     return model.get_model_object("model_sampling")
 
 
-def check_diffusion_model(model, input_name: str = "model") -> None:
-    """Reject models that are not discrete-time epsilon/v-prediction diffusion models."""
+FLOW_MAX_S = 0.99  # the highest flow time a grid uses: sigma = s / (1 - s) = 99, abar ~ 1e-4
+
+
+def is_flow_model(model) -> bool:
+    """A flow-matching model: ComfyUI's CONST prediction over a discrete-flow (SD3/SD3.5, AuraFlow,
+    HiDream, ...) or Flux-style schedule."""
     ms = model_sampling_of(model)
+    return isinstance(ms, comfy.model_sampling.CONST) and isinstance(
+        ms, (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.ModelSamplingFlux))
+
+
+def check_diffusion_model(model, input_name: str = "model") -> None:
+    """Reject models that are neither discrete-time epsilon/v-prediction diffusion models nor
+    flow-matching models with a discrete-flow or Flux schedule."""
+    ms = model_sampling_of(model)
+    if is_flow_model(model):
+        return
     if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete):
         kind = type(ms).__name__
         raise InverseInputError(
-            f"{input_name}: this node needs a discrete-time diffusion model with epsilon or v prediction "
-            f"(SD1.x, SD2.x, SDXL and their LCM/Turbo variants); the connected model samples with {kind} "
-            f"(a flow-matching or continuous-time model such as SD3, Flux or an EDM/Cascade model). "
-            f"Connect an SD-family checkpoint instead.")
+            f"{input_name}: this node needs a diffusion model with epsilon or v prediction (SD1.x, SD2.x, SDXL and "
+            f"their LCM/Turbo variants) or a flow-matching model (SD3/SD3.5, Flux); the connected model samples "
+            f"with {kind} (a continuous-time model such as EDM or Stable Cascade). Connect one of those instead.")
     if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, (comfy.model_sampling.X0,)):
         raise InverseInputError(
             f"{input_name}: unsupported prediction type {type(ms).__name__}; use an epsilon- or "
-            f"v-prediction model.")
+            f"v-prediction model or a flow-matching one.")
     if float(getattr(ms, "sigma_data", 1.0)) != 1.0:
         raise InverseInputError(f"{input_name}: models with sigma_data != 1 are not supported.")
+
+
+@dataclass(frozen=True)
+class Coords:
+    """ComfyUI's latent x at its sigma <-> the DDPM latent z at sigma = sqrt((1 - abar) / abar).
+
+    Discrete models: ComfyUI's sigma is that sigma and x = z sqrt(1 + sigma^2). Flow models:
+    ComfyUI's sigma is the flow time s = sigma / (1 + sigma) and x = z sqrt(1 + sigma^2) / (1 + sigma)
+    (module docstring)."""
+
+    flow: bool
+
+    def comfy_sigma(self, sigma: float) -> float:
+        """ComfyUI's sigma of the DDPM level ``sigma`` (0 stays 0)."""
+        return sigma / (1.0 + sigma) if self.flow else sigma
+
+    def ddpm_sigma(self, comfy_sigma: float) -> float:
+        return comfy_sigma / (1.0 - comfy_sigma) if self.flow else comfy_sigma
+
+    def x_scale(self, sigma: float) -> float:
+        """x = z * x_scale(sigma)."""
+        scale = math.sqrt(1.0 + sigma * sigma)
+        return scale / (1.0 + sigma) if self.flow else scale
+
+    def eps(self, x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
+        """The DDPM noise of ComfyUI's latent x and its denoised x0 at DDPM level ``sigma``."""
+        if self.flow:
+            s = sigma / (1.0 + sigma)
+            return (x - (1.0 - s) * denoised) / s
+        return (x - denoised) / sigma
+
+
+def coords_of(model) -> Coords:
+    return Coords(flow=is_flow_model(model))
 
 
 def is_lcm_model(model) -> bool:
@@ -83,8 +140,9 @@ def model_timesteps(model) -> int:
     return int(getattr(ms, "num_timesteps", len(ms.sigmas)))
 
 
-def model_sigma_table(model) -> Tensor:
-    """sigma_t for every model timestep t = 0..T-1 (float32, as ComfyUI holds them)."""
+def comfy_sigma_table(model) -> Tensor:
+    """ComfyUI's sigma for every model timestep t = 0..T-1 (float32, as ComfyUI holds them; the
+    flow time s for flow models)."""
     ms = model_sampling_of(model)
     T = model_timesteps(model)
     if len(ms.sigmas) == T:
@@ -93,13 +151,36 @@ def model_sigma_table(model) -> Tensor:
         return ms.sigma(torch.arange(T, dtype=torch.float32, device=ms.sigmas.device)).float().cpu()
 
 
+def model_sigma_table(model) -> Tensor:
+    """The DDPM sigma_t = sqrt((1 - abar_t) / abar_t) for every model timestep t = 0..T-1: ComfyUI's
+    sigmas for discrete models, s / (1 - s) (float64 arithmetic; inf at s = 1) for flow models."""
+    table = comfy_sigma_table(model)
+    if not is_flow_model(model):
+        return table
+    s = table.double()
+    return s / (1.0 - s)
+
+
+def usable_timesteps(model) -> int:
+    """How many of the model's timesteps a grid may use: all, or for flow models those with
+    s <= FLOW_MAX_S (a prefix: the table ascends)."""
+    T = model_timesteps(model)
+    if not is_flow_model(model):
+        return T
+    return int((comfy_sigma_table(model) <= FLOW_MAX_S).sum())
+
+
 def model_alphas_cumprod(model) -> Tensor:
     """abar_t for every model timestep (float64); exact at every timestep ComfyUI can represent."""
     return core_schedule.alphas_cumprod_from_sigmas(model_sigma_table(model))
 
 
 def default_spacing(model) -> str:
-    return "lcm" if is_lcm_model(model) else "leading"
+    """LCM's own 50 timesteps; trailing for flow models (ComfyUI's simple schedule, from the top
+    level); Stable Diffusion's leading otherwise."""
+    if is_lcm_model(model):
+        return "lcm"
+    return "trailing" if is_flow_model(model) else "leading"
 
 
 def make_grid(model, steps: int, spacing: str = "auto") -> TimestepGrid:
@@ -108,7 +189,7 @@ def make_grid(model, steps: int, spacing: str = "auto") -> TimestepGrid:
         raise InverseInputError(f"steps: must be at least 1, got {steps}.")
     if spacing == "auto":
         spacing = default_spacing(model)
-    T = model_timesteps(model)
+    T = usable_timesteps(model)
     if is_lcm_model(model) and spacing != "lcm":
         raise InverseInputError(
             f"spacing: an LCM model only knows the 50 LCM timesteps; choose 'lcm' or 'auto' instead of '{spacing}'.")
@@ -129,13 +210,20 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
         s = s[::-1]
     ms = model_sampling_of(model)
     table = model_sigma_table(model)
+    flow = is_flow_model(model)
+    levels, top = comfy_sigma_table(model).double(), usable_timesteps(model) - 1
     ts, ab = [], []
     for v in s:
         if v <= 0.0:
             ts.append(core_schedule.CLEAN)
             ab.append(1.0)
             continue
-        t = int(ms.timestep(torch.tensor([v], device=ms.sigmas.device)).item())
+        if flow:  # the nearest level of the model's table, at most FLOW_MAX_S
+            t = min(int((levels - v).abs().argmin()), top)
+        else:
+            t = int(ms.timestep(torch.tensor([v], device=ms.sigmas.device)).item())
+        if ts and ts[-1] == t:
+            continue  # two sigmas above FLOW_MAX_S: one level
         ts.append(t)
         ab.append(1.0 / (1.0 + float(table[t]) ** 2))
     if ts[-1] != core_schedule.CLEAN:
@@ -147,18 +235,35 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
         raise InverseInputError(f"sigmas: {exc}") from None
 
 
-def grid_sigmas(grid: TimestepGrid) -> Tensor:
-    """SIGMAS for ComfyUI's samplers (float32, descending, ending at 0)."""
-    return grid.sigmas().float()
+def grid_sigmas(model, grid: TimestepGrid) -> Tensor:
+    """SIGMAS for ComfyUI's samplers (float32, descending, ending at 0): the grid's levels in
+    ComfyUI's sigmas (flow time s for flow models)."""
+    coords = coords_of(model)
+    return torch.tensor([coords.comfy_sigma(float(v)) for v in grid.sigmas()], dtype=torch.float64).float()
 
 
-def to_comfy_latent(z: Tensor, abar: float) -> Tensor:
-    """DDPM latent -> ComfyUI's k-diffusion latent x = z * sqrt(1 + sigma^2) = z / sqrt(abar)."""
-    return z / math.sqrt(abar)
+def abar_sigma(abar: float) -> float:
+    return math.sqrt((1.0 - abar) / abar)
 
 
-def from_comfy_latent(x: Tensor, abar: float) -> Tensor:
-    return x * math.sqrt(abar)
+def to_comfy_latent(z: Tensor, abar: float, coords: Coords = Coords(False)) -> Tensor:
+    """DDPM latent -> ComfyUI's latent at the same level (x = z / sqrt(abar) for discrete models)."""
+    return z * coords.x_scale(abar_sigma(abar))
+
+
+def from_comfy_latent(x: Tensor, abar: float, coords: Coords = Coords(False)) -> Tensor:
+    return x / coords.x_scale(abar_sigma(abar))
+
+
+def to_start_latent(z: Tensor, abar: float, coords: Coords = Coords(False)) -> Tensor:
+    """DDPM latent -> the LATENT a ComfyUI sampler starts from at this level with noise disabled:
+    samplers begin at ``model_sampling.noise_scaling(sigma, 0, latent)``, which is the latent
+    itself for discrete models and (1 - s) latent for flow models, so the latter is divided by
+    (1 - s)."""
+    x = to_comfy_latent(z, abar, coords)
+    if coords.flow:
+        x = x / (1.0 - coords.comfy_sigma(abar_sigma(abar)))
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +295,7 @@ class ComfyNoisePredictor:
         self.model_options = model_options
         self.device = guider.model_patcher.load_device
         self.sigma_table = model_sigma_table(guider.model_patcher)
+        self.coords = coords_of(guider.model_patcher)
         self.alphas_cumprod = core_schedule.alphas_cumprod_from_sigmas(self.sigma_table)
         self.calls = 0          # batched model calls
         self.grad_calls = 0     # of which made with gradients (each followed by a backward pass)
@@ -211,8 +317,8 @@ class ComfyNoisePredictor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         t = int(t)
         sigma = float(self.sigma_table[t])
-        x = z.to(self.device, torch.float32) * math.sqrt(1.0 + sigma * sigma)
-        sigmas = torch.full((x.shape[0],), sigma, device=self.device, dtype=torch.float32)
+        x = z.to(self.device, torch.float32) * self.coords.x_scale(sigma)
+        sigmas = torch.full((x.shape[0],), self.coords.comfy_sigma(sigma), device=self.device, dtype=torch.float32)
         handles = [c if isinstance(c, Cond) else Cond(str(c)) for c in conds]
         missing = [h.name for h in handles if h.name not in self.conds]
         if missing:
@@ -228,7 +334,7 @@ class ComfyNoisePredictor:
             self.grad_calls += 1
         if self._on_call is not None:
             self._on_call()
-        return torch.stack([(x - d.float()) / sigma for d in denoised])
+        return torch.stack([self.coords.eps(x, d.float(), sigma) for d in denoised])
 
     def _with_context_overrides(self, options: dict, overrides: Mapping[int, Tensor]) -> dict:
         previous = options.get("model_function_wrapper")
@@ -424,18 +530,19 @@ class KDiffusionPredictor:
     """A NoisePredictor over a k-diffusion denoiser (what a SAMPLER receives: the guider's
     CFG-combined prediction). It has a single conditioning handle, ``None``."""
 
-    def __init__(self, denoiser, extra_args: dict, sigma_table: Tensor):
+    def __init__(self, denoiser, extra_args: dict, sigma_table: Tensor, coords: Coords = Coords(False)):
         self.denoiser = denoiser
         self.extra_args = extra_args
         self.sigma_table = sigma_table
+        self.coords = coords
 
     def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         sigma = float(self.sigma_table[int(t)])
-        x = z * math.sqrt(1.0 + sigma * sigma)
-        s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
+        x = z * self.coords.x_scale(sigma)
+        s = torch.full((x.shape[0],), self.coords.comfy_sigma(sigma), device=x.device, dtype=x.dtype)
         denoised = self.denoiser(x, s, **self.extra_args)
-        eps = (x - denoised.float()) / sigma
+        eps = self.coords.eps(x, denoised.float(), sigma)
         return eps.unsqueeze(0).expand(len(conds), *eps.shape)
 
 
@@ -450,16 +557,17 @@ def make_inversion_sampler(invert: Callable) -> comfy.samplers.KSAMPLER:
             patcher = model_wrap.model_patcher
             check_diffusion_model(patcher)
             grid = grid_from_sigmas(patcher, sigmas)
-            predictor = KDiffusionPredictor(model_wrap, extra_args, model_sigma_table(patcher))
+            coords = coords_of(patcher)
+            predictor = KDiffusionPredictor(model_wrap, extra_args, model_sigma_table(patcher), coords)
             z0 = latent_image.float() if latent_image is not None else torch.zeros_like(noise)
 
             def cb(i, total, z):  # SamplerCustomAdvanced's callback drives the progress bar
                 if callback is not None:
-                    x = to_comfy_latent(z, grid.alphas_cumprod[::-1][i + 1])
+                    x = to_comfy_latent(z, grid.alphas_cumprod[::-1][i + 1], coords)
                     callback(i, x, x, total)
 
             traj = invert(predictor, z0, grid, cb)
-            return to_comfy_latent(traj[-1], grid.alphas_cumprod[0])
+            return to_start_latent(traj[-1], grid.alphas_cumprod[0], coords)
 
     return _InversionKSampler(None)
 
@@ -608,8 +716,9 @@ def attention_layers(model) -> list[tuple[str, int, int]]:
     """The UNet's transformer layers in forward order as ComfyUI's patch keys (block, id, index)."""
     dm = getattr(model.model, "diffusion_model", None)
     if dm is None or not hasattr(dm, "input_blocks") or not hasattr(dm, "output_blocks"):
-        raise InverseInputError("model: attention control needs a UNet model (SD1.x, SD2.x, SDXL); this model has "
-                                "no input/output blocks.")
+        raise InverseInputError("attention_control: prompt-to-prompt and MasaCtrl control a UNet's attention "
+                                "(SD1.x, SD2.x, SDXL); this model is a transformer (e.g. SD3, Flux) without UNet "
+                                "blocks. Disconnect attention_control: ProxEdit's proximal guidance alone works on it.")
     keys = []
     stages = (("input", list(dm.input_blocks)), ("middle", [dm.middle_block] if dm.middle_block is not None else []),
               ("output", list(dm.output_blocks)))
@@ -680,7 +789,8 @@ class EditGuider(comfy.samplers.CFGGuider):
         self.result = result
         self.step = step
         self._device_result = None
-        table = model_sigma_table(model)
+        table = comfy_sigma_table(model)
+        self.coords = coords_of(model)
         self._levels = [float(table[int(t)]) for t in result.grid.timesteps[:-1]]
 
     def _grid_index(self, sigma: float) -> int:
@@ -707,7 +817,7 @@ class EditGuider(comfy.samplers.CFGGuider):
         sigma = float(timestep.flatten()[0])
         i = self._grid_index(sigma)
         ab = self.result.grid.alphas_cumprod
-        z = x.float() / math.sqrt(1.0 + sigma * sigma)
+        z = x.float() / self.coords.x_scale(self.coords.ddpm_sigma(sigma))
         z_next = self.step(predictor, self._device_result, z, i)
         return ddim_x0_for(z, z_next, ab[i], ab[i + 1]).to(x.dtype)
 

@@ -129,9 +129,9 @@ def _outputs(model, result: InversionResult, positive=None, negative=None) -> io
         result.extras.setdefault("source_cond", positive)
     if negative is not None:
         result.extras.setdefault("negative_cond", negative)
-    noise = glue.to_comfy_latent(result.noise_latent, result.grid.alphas_cumprod[0])
+    noise = glue.to_start_latent(result.noise_latent, result.grid.alphas_cumprod[0], glue.coords_of(model))
     return io.NodeOutput(result, {"samples": model.model.process_latent_out(noise)},
-                         glue.grid_sigmas(result.grid), _report(result))
+                         glue.grid_sigmas(model, result.grid), _report(result))
 
 
 def _cpu(traj):

@@ -163,7 +163,8 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
 
 
 def init_random(module, seed: int) -> None:
-    """ComfyUI builds layers without initialising them: give every weight a scaled normal draw."""
+    """ComfyUI builds layers without initialising them: give every weight a scaled normal draw
+    (norms the identity, biases zero, multi-dimensional float buffers a small normal draw)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -174,6 +175,9 @@ def init_random(module, seed: int) -> None:
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+        for name, b in module.named_buffers():  # e.g. MMDiT's pos_embed, allocated uninitialised
+            if b.is_floating_point() and b.dim() >= 2:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def unet_layout(channels: int, context: int, adm: int | None, depth: list, middle: int, out_depth: list,

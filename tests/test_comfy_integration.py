@@ -226,7 +226,7 @@ def test_schedule_and_grid_match_comfyui(glue, loaded):
     grid = glue.make_grid(model, 10, "leading")
     assert grid.timesteps[:-1] == tuple(range(901, 0, -100))
     # sigmas we hand to ComfyUI map back to exactly our timesteps
-    sig = glue.grid_sigmas(grid)
+    sig = glue.grid_sigmas(model, grid)
     assert [int(ms.timestep(s[None]).item()) for s in sig[:-1]] == list(grid.timesteps[:-1])
     back = glue.grid_from_sigmas(model, sig)
     assert back.timesteps == grid.timesteps
@@ -1025,13 +1025,13 @@ def _guider_sample(pack, loaded, guider, res, sigmas_from=0):
 
 def _sigmas_of(pack, loaded, res):
     glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
-    return glue.grid_sigmas(res.grid)
+    return glue.grid_sigmas(loaded[0], res.grid)
 
 
 def _to_comfy(pack, loaded, res, i):
     glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
     ab = res.grid.alphas_cumprod[i]
-    z = glue.to_comfy_latent(res.trajectory[::-1][i], ab)
+    z = glue.to_comfy_latent(res.trajectory[::-1][i], ab, glue.coords_of(loaded[0]))
     return loaded[0].get_model_object("latent_format").process_out(z)
 
 
