@@ -20,7 +20,7 @@ Tweedie's x0 is ComfyUI's denoised ``x - s v`` and ``eps = (x - (1 - s) x0) / s`
 those coordinates is exactly an Euler step of the flow ODE (tests/test_flow.py derives and checks
 each identity against ComfyUI's model_sampling). :class:`Coords` holds the two mappings; core/ keeps
 one set of solvers. Pure noise (s = 1) has abar = 0, where the eps parameterisation cannot give x0,
-so flow grids stop at s <= :data:`FLOW_MAX_S` (a ComfyUI schedule's sigma 1.0 is read as that level).
+so flow grids stop at s <= :data:`FLOW_MAX_S` (a SIGMAS input starting at 1.0 is refused with the fix).
 
 Model loading, patches, hooks, ControlNets and area/mask conditioning all go through ComfyUI's own
 ``CFGGuider.sample`` machinery: the predictor lives inside a SAMPLER that the guider runs, and
@@ -218,12 +218,16 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
             ts.append(core_schedule.CLEAN)
             ab.append(1.0)
             continue
-        if flow:  # the nearest level of the model's table, at most FLOW_MAX_S
+        if flow:  # the nearest level of the model's table
+            if v > FLOW_MAX_S + 1e-6:
+                raise InverseInputError(
+                    f"sigmas: this flow model's schedule starts at {v:.4g}; a latent at s = 1 is pure noise (ComfyUI "
+                    f"starts a sampler from (1 - s) x the latent, which is 0 there), so inversion stops at s <= "
+                    f"{FLOW_MAX_S}. Drop the first sigma with SplitSigmas (step 1), or use the inversion node's "
+                    f"sigmas output.")
             t = min(int((levels - v).abs().argmin()), top)
         else:
             t = int(ms.timestep(torch.tensor([v], device=ms.sigmas.device)).item())
-        if ts and ts[-1] == t:
-            continue  # two sigmas above FLOW_MAX_S: one level
         ts.append(t)
         ab.append(1.0 / (1.0 + float(table[t]) ** 2))
     if ts[-1] != core_schedule.CLEAN:

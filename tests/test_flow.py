@@ -137,10 +137,13 @@ def test_flow_grids_use_the_models_levels_up_to_the_cap(pack, glue, kind, shift)
         table = glue.comfy_sigma_table(model)
         assert all(float(v) in set(table.tolist()) for v in sig[:-1])            # the model's own levels
         assert glue.grid_from_sigmas(model, sig).timesteps == grid.timesteps     # and back
-        # ComfyUI's own schedule (top sigma 1.0, read as the cap) is understood
+        # ComfyUI's own schedule starts at pure noise (s = 1), where a latent cannot be inverted to
+        # (samplers start from (1 - s) x latent): refused with the fix; without its first sigma, understood
         cs = comfy.samplers.calculate_sigmas(ms, "simple", steps)
-        back = glue.grid_from_sigmas(model, cs)
-        assert back.steps == steps and back.timesteps[0] == glue.usable_timesteps(model) - 1
+        with pytest.raises(glue.InverseInputError, match=r"^sigmas: .*starts at 1;.*SplitSigmas \(step 1\)"):
+            glue.grid_from_sigmas(model, cs)
+        back = glue.grid_from_sigmas(model, cs[1:])
+        assert back.steps == steps - 1 and max(float(v) for v in glue.grid_sigmas(model, back)) <= glue.FLOW_MAX_S
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,3 +424,19 @@ def test_restoration_on_sd3_lowers_the_measurement_residual(pack, sd3, vae16):
     for key, residual in out.items():
         if key != ("ldps", 0.0):
             assert residual < unguided, (key, residual, unguided)
+
+
+def test_the_inversion_sampler_on_sd3_is_the_inversion_node(pack, sd3):
+    """The SAMPLER in SamplerCustomAdvanced (CFGGuider, DisableNoise) over the inversion node's sigmas
+    returns the node's noise latent; ComfyUI's euler then samples it back as our sampler does."""
+    import comfy_extras.nodes_custom_sampler as cs
+
+    model, pos, neg, _ = sd3
+    n = _nodes(pack)
+    with torch.inference_mode():
+        res, noise, sigmas, _ = n.DDIMInversion.execute(model, pos, 10, 3.0, "auto", negative=neg, latent=_lat(8)).args
+        guider = cs.CFGGuider().get_guider(model, pos, neg, 3.0)[0]
+        sampler = n.DDIMInversionSampler.execute("ddim").args[0]
+        inverted = cs.SamplerCustomAdvanced().sample(cs.DisableNoise().get_noise()[0], guider, sampler, sigmas,
+                                                     _lat(8))[0]["samples"]
+    assert _rel(inverted, noise["samples"]) < 1e-5, _rel(inverted, noise["samples"])
