@@ -18,8 +18,8 @@ family in other coordinates: ``x / (1 - s) = x0 + sigma eps`` with ``sigma = s /
 ``abar = 1 / (1 + sigma^2)`` and ``z = x sqrt(abar) / (1 - s) = x (1 + sigma) / sqrt(1 + sigma^2)``;
 Tweedie's x0 is ComfyUI's denoised ``x - s v`` and ``eps = (x - (1 - s) x0) / s``. A DDIM step in
 those coordinates is exactly an Euler step of the flow ODE (tests/test_flow.py derives and checks
-each identity against ComfyUI's model_sampling). :class:`Coords` holds the two mappings; core/ keeps
-one set of solvers. Pure noise (s = 1) has abar = 0, where the eps parameterisation cannot give x0,
+each identity against ComfyUI's model_sampling). core/flow.py's ``Coords`` holds the two mappings;
+core/ keeps one set of solvers. Pure noise (s = 1) has abar = 0, where the eps parameterisation cannot give x0,
 so flow grids stop at s <= :data:`FLOW_MAX_S` (a SIGMAS input starting at 1.0 is refused with the fix).
 
 Model loading, patches, hooks, ControlNets and area/mask conditioning all go through ComfyUI's own
@@ -49,6 +49,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..core import schedule as core_schedule
+from ..core.flow import Coords
 from ..core.schedule import TimestepGrid
 
 Tensor = torch.Tensor
@@ -94,36 +95,6 @@ def check_diffusion_model(model, input_name: str = "model") -> None:
             f"v-prediction model or a flow-matching one.")
     if float(getattr(ms, "sigma_data", 1.0)) != 1.0:
         raise InverseInputError(f"{input_name}: models with sigma_data != 1 are not supported.")
-
-
-@dataclass(frozen=True)
-class Coords:
-    """ComfyUI's latent x at its sigma <-> the DDPM latent z at sigma = sqrt((1 - abar) / abar).
-
-    Discrete models: ComfyUI's sigma is that sigma and x = z sqrt(1 + sigma^2). Flow models:
-    ComfyUI's sigma is the flow time s = sigma / (1 + sigma) and x = z sqrt(1 + sigma^2) / (1 + sigma)
-    (module docstring)."""
-
-    flow: bool
-
-    def comfy_sigma(self, sigma: float) -> float:
-        """ComfyUI's sigma of the DDPM level ``sigma`` (0 stays 0)."""
-        return sigma / (1.0 + sigma) if self.flow else sigma
-
-    def ddpm_sigma(self, comfy_sigma: float) -> float:
-        return comfy_sigma / (1.0 - comfy_sigma) if self.flow else comfy_sigma
-
-    def x_scale(self, sigma: float) -> float:
-        """x = z * x_scale(sigma)."""
-        scale = math.sqrt(1.0 + sigma * sigma)
-        return scale / (1.0 + sigma) if self.flow else scale
-
-    def eps(self, x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
-        """The DDPM noise of ComfyUI's latent x and its denoised x0 at DDPM level ``sigma``."""
-        if self.flow:
-            s = sigma / (1.0 + sigma)
-            return (x - (1.0 - s) * denoised) / s
-        return (x - denoised) / sigma
 
 
 def coords_of(model) -> Coords:
@@ -243,7 +214,7 @@ def grid_sigmas(model, grid: TimestepGrid) -> Tensor:
     """SIGMAS for ComfyUI's samplers (float32, descending, ending at 0): the grid's levels in
     ComfyUI's sigmas (flow time s for flow models)."""
     coords = coords_of(model)
-    return torch.tensor([coords.comfy_sigma(float(v)) for v in grid.sigmas()], dtype=torch.float64).float()
+    return torch.tensor([coords.level(float(v)) for v in grid.sigmas()], dtype=torch.float64).float()
 
 
 def abar_sigma(abar: float) -> float:
@@ -266,7 +237,7 @@ def to_start_latent(z: Tensor, abar: float, coords: Coords = Coords(False)) -> T
     (1 - s)."""
     x = to_comfy_latent(z, abar, coords)
     if coords.flow:
-        x = x / (1.0 - coords.comfy_sigma(abar_sigma(abar)))
+        x = x / (1.0 - coords.level(abar_sigma(abar)))
     return x
 
 
@@ -322,7 +293,7 @@ class ComfyNoisePredictor:
         t = int(t)
         sigma = float(self.sigma_table[t])
         x = z.to(self.device, torch.float32) * self.coords.x_scale(sigma)
-        sigmas = torch.full((x.shape[0],), self.coords.comfy_sigma(sigma), device=self.device, dtype=torch.float32)
+        sigmas = torch.full((x.shape[0],), self.coords.level(sigma), device=self.device, dtype=torch.float32)
         handles = [c if isinstance(c, Cond) else Cond(str(c)) for c in conds]
         missing = [h.name for h in handles if h.name not in self.conds]
         if missing:
@@ -544,7 +515,7 @@ class KDiffusionPredictor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         sigma = float(self.sigma_table[int(t)])
         x = z * self.coords.x_scale(sigma)
-        s = torch.full((x.shape[0],), self.coords.comfy_sigma(sigma), device=x.device, dtype=x.dtype)
+        s = torch.full((x.shape[0],), self.coords.level(sigma), device=x.device, dtype=x.dtype)
         denoised = self.denoiser(x, s, **self.extra_args)
         eps = self.coords.eps(x, denoised.float(), sigma)
         return eps.unsqueeze(0).expand(len(conds), *eps.shape)

@@ -79,7 +79,7 @@ def test_flow_latents_are_ddpm_latents_in_other_coordinates(pack, glue, kind, sh
     for t in (0, len(table) // 3, glue.usable_timesteps(model) - 1):
         s, sigma = float(table[t]), float(ddpm[t])
         abar = 1.0 / (1.0 + sigma * sigma)
-        assert coords.comfy_sigma(sigma) == pytest.approx(s, rel=1e-12)
+        assert coords.level(sigma) == pytest.approx(s, rel=1e-12)
         assert coords.ddpm_sigma(s) == pytest.approx(sigma, rel=1e-12)
         x = ms.noise_scaling(torch.tensor([s], dtype=torch.float64), eps, x0)   # ComfyUI: s eps + (1 - s) x0
         z = glue.from_comfy_latent(x, abar, coords)
