@@ -4,6 +4,7 @@ checkpoint) and through the analytic reference denoiser, at 50 and 4 steps, guid
     python bench/inversion.py            # full run (a few minutes on a CPU)
     python bench/inversion.py --quick    # under a minute: 10 instead of 50 steps on the ComfyUI path
     python bench/inversion.py --memory   # RNRI's peak memory at 512 px on SD1.5's real-size UNet (3 min)
+    python bench/inversion.py --flow     # flow models (SD3/Flux mapping): Euler vs exact solvers, 28 steps
 
 For each backend, configuration and method it prints the reconstruction RMSE of z0 (invert, then
 sample back with the method's own sampling path at the same guidance), the per-step residual read
@@ -223,6 +224,75 @@ def comfy_backend():
     }
 
 
+FLOW_METHODS = ["ddim", "fixed_point_3", "anderson_3", "anderson_4", "newton_krylov_5", "ddpm"]
+
+
+def _flow_measure(pred, z0, grid, guidance, grad_context=torch.enable_grad) -> dict:
+    """Every FLOW_METHODS entry: invert, sample back with its own path; RMSE, calls per step, seconds."""
+    counting = Counting(pred)
+    backend = {"uncond": "u", "grad_context": grad_context}
+    out = {}
+    for method in FLOW_METHODS:
+        counting.forward = counting.backward = 0
+        rec, residual, seconds = run_method(method, counting, z0, grid, backend, guidance)
+        out["euler" if method == "ddim" else method] = {
+            "rmse": ddim.reconstruction_rmse(rec, z0), "calls_per_step": counting.forward / grid.steps,
+            "seconds": round(seconds, 3)}
+    return out
+
+
+def flow_bench(quick: bool) -> dict:
+    """Euler (DDIM-equivalent) inversion against the exact solvers on flow models at 28 steps: the
+    analytic Gaussian reference in flow parameterisation (core/flow.py, SD3's shift-3 levels), and
+    the tiny random-weight SD3 (CFG 1 and 3.5) and Flux (distilled guidance 3.5 in the conditioning)
+    through the real ComfyUI glue. Goal (flow issue): an exact solver at <= 3 calls per step within
+    Euler inversion's error / 100."""
+    from comfyui_inverse.core.flow import FlowPredictor, gaussian_flow_denoiser
+
+    steps = 28
+    res = {}
+    u = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    s = 3.0 * u / (1 + 2.0 * u)
+    sig = (s / (1 - s))[s <= 0.99]
+    g = torch.Generator().manual_seed(0)
+    mean = {"c": torch.randn(4, 16, 16, generator=g, dtype=torch.float64) * 0.5,
+            "u": torch.zeros(4, 16, 16, dtype=torch.float64)}
+    pred = FlowPredictor(gaussian_flow_denoiser(mean, 0.7), sig)
+    z0 = (mean["c"][None] + 0.7 * torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64)).float()
+    grid = schedule.TimestepGrid.from_schedule(schedule.alphas_cumprod_from_sigmas(sig),
+                                               schedule.timestep_spacing(steps, len(sig), "trailing"))
+    for w in (1.0, 3.5):
+        res[f"reference_w{w}"] = _flow_measure(pred, z0, grid, w)
+    import comfy_host
+
+    if comfy_host.HOST_FOUND:
+        import importlib
+
+        pack = comfy_host.start_inprocess()
+        glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+        for kind, guidances in (("sd3", (1.0, 3.5)), ("flux", (1.0,))):
+            model, cond = comfy_host.tiny_flow_model(kind)
+            conds = {"c": cond(), "u": cond()}
+            x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+            grid = glue.make_grid(model, steps)
+            for w in guidances:
+                def fn(p):
+                    return _flow_measure(p, p.process_latent_in(x), grid, w, p.autograd)
+                with torch.inference_mode():
+                    res[f"comfy_{kind}_w{w}"] = glue.run_with_predictor(model, conds, x.shape, fn)
+    for name, rows in res.items():
+        for method, r in rows.items():
+            print(f"flow {name:18s} {method:16s} rmse {r['rmse']:.3e}  calls/step {r['calls_per_step']:5.2f}  "
+                  f"{r['seconds']:7.2f} s", flush=True)
+        best = min((m for m in rows if m not in ("euler", "ddpm") and rows[m]["calls_per_step"] <= 3.0),
+                   key=lambda m: rows[m]["rmse"])
+        ratio = rows["euler"]["rmse"] / max(rows[best]["rmse"], 1e-30)
+        rows["goal"] = {"best_at_3_calls": best, "euler_over_best": ratio, "reached": ratio >= 100}
+        print(f"flow {name:18s} Euler / best at <= 3 calls ({best}) = {ratio:.1f}x; goal 100x: "
+              f"{'reached' if ratio >= 100 else 'NOT reached'}", flush=True)
+    return res
+
+
 RNRI_MEMORY_MODES = ("forward", "joint", "per_branch")
 
 
@@ -326,6 +396,7 @@ def main(argv=None):
     ap.add_argument("--memory", action="store_true",
                     help="only RNRI's memory: one gradient through SD1.5's real-size UNet at 512 px")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--flow", action="store_true", help="only the flow models (28 steps): Euler vs exact solvers")
     args = ap.parse_args(argv)
     if args.memory_worker:
         size, mode, path = args.memory_worker.split(":", 2)
@@ -336,6 +407,10 @@ def main(argv=None):
     if args.memory:
         out["rnri_memory"] = rnri_memory(args.quick)
         print(json.dumps(out))
+        return
+    if args.flow:
+        out["flow"] = flow_bench(args.quick)
+        print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
         return
     full = [(50, 1.0), (50, 7.5), (4, 1.0), (4, 7.5)]
     if args.backend in ("all", "reference"):

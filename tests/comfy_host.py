@@ -208,3 +208,39 @@ def random_model(config_cls, unet_config: dict, seed: int):
     init_random(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device()), model_config
+
+
+def tiny_flow_model(kind: str):
+    """A random-weight flow model built in-process by ComfyUI's own classes, and a function making
+    random conditionings of the right shapes (no text encoder): "sd3" (supported_models.SD3: MMDiT
+    of depth 2, hidden 128, CLIP-L/G + T5 context width 4096, pooled 2048, shift 3) or "flux"
+    (supported_models.Flux: 1 double + 1 single block, hidden 128, guidance embedding; each
+    conditioning carries Flux's guidance 3.5). Call after :func:`start_inprocess`."""
+    import comfy.supported_models as sm
+    import torch
+
+    if kind == "sd3":
+        config, unet = sm.SD3, {
+            "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+            "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16, "num_patches": 256,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+            "x_block_self_attn_layers": []}
+        pooled, extra, seed = 2048, {}, 7
+    elif kind == "flux":
+        config, unet = sm.Flux, {
+            "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+            "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
+            "guidance_embed": True}
+        pooled, extra, seed = 768, {"guidance": 3.5}, 9
+    else:
+        raise ValueError(kind)
+    with torch.inference_mode(False):
+        model, _ = random_model(config, unet, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def cond():
+        return [[torch.randn(1, 12, 4096, generator=g),
+                 {"pooled_output": torch.randn(1, pooled, generator=g), **extra}]]
+
+    return model, cond

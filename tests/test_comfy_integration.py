@@ -400,15 +400,15 @@ def test_batches_and_masks_are_honoured(glue, core, loaded):
 
 
 def test_bad_inputs_get_clear_errors(pack, glue, loaded):
-    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
 
     inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
     model, clip, vae, pos, neg = loaded
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
     with torch.inference_mode():
-        flow = ModelSamplingSD3().patch(model, 3.0)[0]
-        with pytest.raises(glue.InverseInputError, match=r"^model: .*flow-matching"):
-            inv.DDIMInversion.execute(flow, pos, 10, 1.0, "auto", latent=lat)
+        edm = ModelSamplingContinuousEDM().patch(model, "eps", 120.0, 0.002)[0]
+        with pytest.raises(glue.InverseInputError, match=r"^model: .*or a flow-matching model .*continuous-time"):
+            inv.DDIMInversion.execute(edm, pos, 10, 1.0, "auto", latent=lat)
         with pytest.raises(glue.InverseInputError, match=r"^steps"):
             inv.DDIMInversion.execute(model, pos, 0, 1.0, "auto", latent=lat)
         with pytest.raises(glue.InverseInputError, match=r"^vae: "):

@@ -151,20 +151,7 @@ def test_flow_grids_use_the_models_levels_up_to_the_cap(pack, glue, kind, shift)
 
 @pytest.fixture(scope="module")
 def sd3(pack):
-    import comfy.supported_models as sm
-
-    unet = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-            "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16, "num_patches": 256,
-            "context_embedder_config": {"target": "torch.nn.Linear",
-                                        "params": {"in_features": 4096, "out_features": 128}},
-            "x_block_self_attn_layers": []}
-    with torch.inference_mode(False):
-        model, _ = comfy_host.random_model(sm.SD3, unet, 7)
-    g = torch.Generator().manual_seed(8)
-
-    def cond():
-        return [[torch.randn(1, 12, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
-
+    model, cond = comfy_host.tiny_flow_model("sd3")
     return model, cond(), cond(), cond()
 
 
@@ -296,21 +283,8 @@ def test_attention_control_on_a_transformer_is_refused_naming_what_works(pack, g
 
 @pytest.fixture(scope="module")
 def flux(pack):
-    import comfy.supported_models as sm
-
-    unet = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
-            "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
-            "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
-            "guidance_embed": True}
-    with torch.inference_mode(False):
-        model, _ = comfy_host.random_model(sm.Flux, unet, 9)
-    g = torch.Generator().manual_seed(10)
-
-    def cond(guidance):
-        return [[torch.randn(1, 12, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
-                                                          "guidance": guidance}]]
-
-    return model, cond(3.5), cond(3.5)
+    model, cond = comfy_host.tiny_flow_model("flux")
+    return model, cond(), cond()
 
 
 def test_the_tiny_model_is_flux_and_its_guidance_input_is_carried(pack, glue, flux):
