@@ -339,10 +339,34 @@ class ComfyNoisePredictor:
 
     @contextlib.contextmanager
     def autograd(self):
-        """Run the enclosed calls with gradients, out of inference mode (see module docstring)."""
-        with torch.inference_mode(False), torch.enable_grad():
+        """Run the enclosed calls with gradients, out of inference mode (see module docstring).
+        Models whose forward adds in place into tensors autograd has saved (ComfyUI's Flux blocks:
+        ``x += gate * out``) get their saved tensors copied when saved, which gives the gradients
+        of the same computation written out of place (tests/test_flow.py)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
             make_autograd_safe(self.inner_model)
+            if adds_in_place(self.inner_model):
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_copy_saved, _unpack_saved))
             yield self
+
+
+IN_PLACE_MODULES = ("comfy.ldm.flux.", "comfy.ldm.chroma.", "comfy.ldm.chroma_radiance.")
+
+
+def adds_in_place(inner_model) -> bool:
+    """Whether the diffusion model's forward modifies saved activations in place (the Flux family)."""
+    dm = getattr(inner_model, "diffusion_model", None)
+    return dm is not None and type(dm).__module__.startswith(IN_PLACE_MODULES)
+
+
+def _copy_saved(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+def _unpack_saved(t: Tensor) -> Tensor:
+    return t
 
 
 def make_autograd_safe(module: torch.nn.Module) -> int:

@@ -1031,7 +1031,7 @@ def _sigmas_of(pack, loaded, res):
 def _to_comfy(pack, loaded, res, i):
     glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
     ab = res.grid.alphas_cumprod[i]
-    z = glue.to_comfy_latent(res.trajectory[::-1][i], ab, glue.coords_of(loaded[0]))
+    z = glue.to_start_latent(res.trajectory[::-1][i], ab, glue.coords_of(loaded[0]))
     return loaded[0].get_model_object("latent_format").process_out(z)
 
 

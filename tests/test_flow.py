@@ -414,3 +414,71 @@ def test_the_inversion_sampler_on_sd3_is_the_inversion_node(pack, sd3):
         inverted = cs.SamplerCustomAdvanced().sample(cs.DisableNoise().get_noise()[0], guider, sampler, sigmas,
                                                      _lat(8))[0]["samples"]
     assert _rel(inverted, noise["samples"]) < 1e-5, _rel(inverted, noise["samples"])
+
+
+def test_the_proxedit_guider_reproduces_the_node_on_sd3(pack, sd3):
+    """The GUIDER in SamplerCustomAdvanced with ComfyUI's euler over the inversion's sigmas gives the
+    ProxEdit node's edit (inversion and reconstruction guidance on), on a flow model."""
+    import test_comfy_integration as sd15
+
+    model, pos, neg, tar = sd3
+    n = _nodes(pack)
+    ed = importlib.import_module(pack.__name__ + ".nodes.editing")
+    loaded = (model, None, None, pos, neg)
+    args = dict(base="source", guidance=4.0, prox="hard", quantile=0.6, fixed_threshold=0.0, dilation=1,
+                inversion_guidance=0.5, reconstruction_guidance=0.1, t_rec=1000, source_null_mix=0.0)
+    with torch.inference_mode():
+        npi = n.NegativePromptInversion.execute(model, pos, 10, "auto", latent=_lat(9)).args[0]
+        node = ed.ProxEdit.execute(model, npi, tar, negative=neg, skip_steps=0, **args).args[0]["samples"]
+        guider = ed.ProxEditGuider.execute(model, npi, tar, negative=neg, **args).args[0]
+    out = sd15._guider_sample(pack, loaded, guider, npi)
+    assert _rel(out, node) < 1e-4, _rel(out, node)
+
+
+def test_restoration_on_flux_lowers_the_measurement_residual(pack, flux, vae16):
+    import json
+
+    model, pos, _ = flux
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        op = r.DegradationOperator.execute("gaussian_blur", 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
+        y = r.DegradeImage.execute(clean, op, 0).args[0]
+        res = {}
+        for method, step in (("ldps", 0.0), ("ldps", 3.0), ("stsl", 1.0)):
+            _, lat, rep = r.Restore.execute(model, vae16, pos, y, op, method, 4, 0, step, 0.1, 0.0, 2, 1.0, 0.02, 0.05,
+                                            "measurement", 1, 1e-2, 0, 10, 0.01, "tiled", 40).args
+            res[(method, step)] = json.loads(rep)["residual"]
+    assert res[("ldps", 3.0)] < res[("ldps", 0.0)] and res[("stsl", 1.0)] < res[("ldps", 0.0)], res
+
+
+def test_gradients_through_flux_match_finite_differences(pack, glue, flux):
+    """ComfyUI's Flux blocks add in place into tensors autograd saved; the glue copies saved tensors
+    for such models, and the gradient of the RNRI objective then matches a central difference (and
+    the one-branch-at-a-time product equals the joint gradient)."""
+    inv = importlib.import_module(pack.__name__ + ".core.inversion")
+    model, pos, tar = flux
+    grid = glue.make_grid(model, 10)
+    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+    g = torch.Generator().manual_seed(8)
+    z_s = torch.randn(1, 16, 8, 8, generator=g) * 0.5
+    z = z_s + 0.5 * torch.randn(1, 16, 8, 8, generator=g)
+    d = torch.randn(1, 16, 8, 8, generator=g)
+
+    def run(pred):
+        assert glue.adds_in_place(pred.inner_model)
+        step = inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", 2.0)
+        with pred.autograd():
+            zz = z.clone().requires_grad_(True)
+            F, _ = inv.rnri_objective(step, zz, 0.1)
+            (grad,) = torch.autograd.grad(F, zz)
+        r, vjp = inv._residual(step, z, pred.autograd)
+        split = vjp(torch.sign(r)) + 0.1 * step.prior_grad(z)
+        with torch.no_grad():
+            h = 1e-3
+            fd = (inv.rnri_objective(step, z + h * d, 0.1)[0] - inv.rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
+        return float((grad * d).sum()), float(fd), float((split - grad).norm() / grad.norm())
+
+    with torch.inference_mode():
+        analytic, fd, split_gap = glue.run_with_predictor(model, {"c": pos, "u": tar}, z.shape, run)
+    assert analytic == pytest.approx(fd, rel=2e-2) and split_gap < 1e-4, (analytic, fd, split_gap)
