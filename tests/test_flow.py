@@ -377,27 +377,32 @@ def test_decoder_inversion_with_a_16_channel_vae(pack, vae16, method, step):
     assert curve[-1] < curve[0], curve
 
 
-def test_restoration_on_sd3_lowers_the_measurement_residual(pack, sd3, vae16):
+def _restore_residuals(pack, model, pos, vae, kind, methods, seed):
+    """Restore a degraded random image with each (method, step size); the measurement residuals."""
     import json
 
-    model, pos, _, _ = sd3
     r = importlib.import_module(pack.__name__ + ".nodes.restoration")
-    clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
+    out = {}
     with torch.inference_mode():
-        op = r.DegradationOperator.execute("sr_avgpool", 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
+        op = r.DegradationOperator.execute(kind, 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
         y = r.DegradeImage.execute(clean, op, 0).args[0]
-        out = {}
-        for method, step in (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)):
-            img, lat, rep = r.Restore.execute(model, vae16, pos, y, op, method, 4, 0, step, 0.1, 0.0, 2, 1.0, 0.02,
+        for method, step in methods:
+            img, lat, rep = r.Restore.execute(model, vae, pos, y, op, method, 4, 0, step, 0.1, 0.0, 2, 1.0, 0.02,
                                               0.05, "measurement", 1, 1e-2, 0, 10, 0.01, "tiled", 40).args
             rep = json.loads(rep)
             assert img.shape == clean.shape and lat["samples"].shape == (1, 16, 8, 8)
             assert math.isfinite(rep["residual"])
             out[(method, step)] = rep["residual"]
-    unguided = out[("ldps", 0.0)]
-    for key, residual in out.items():
-        if key != ("ldps", 0.0):
-            assert residual < unguided, (key, residual, unguided)
+    return out
+
+
+def test_restoration_on_sd3_lowers_the_measurement_residual(pack, sd3, vae16):
+    model, pos, _, _ = sd3
+    out = _restore_residuals(pack, model, pos, vae16, "sr_avgpool",
+                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 4)
+    unguided = out.pop(("ldps", 0.0))
+    assert all(residual < unguided for residual in out.values()), (out, unguided)
 
 
 def test_the_inversion_sampler_on_sd3_is_the_inversion_node(pack, sd3):
@@ -436,20 +441,10 @@ def test_the_proxedit_guider_reproduces_the_node_on_sd3(pack, sd3):
 
 
 def test_restoration_on_flux_lowers_the_measurement_residual(pack, flux, vae16):
-    import json
-
     model, pos, _ = flux
-    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
-    clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        op = r.DegradationOperator.execute("gaussian_blur", 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
-        y = r.DegradeImage.execute(clean, op, 0).args[0]
-        res = {}
-        for method, step in (("ldps", 0.0), ("ldps", 3.0), ("stsl", 1.0)):
-            _, lat, rep = r.Restore.execute(model, vae16, pos, y, op, method, 4, 0, step, 0.1, 0.0, 2, 1.0, 0.02, 0.05,
-                                            "measurement", 1, 1e-2, 0, 10, 0.01, "tiled", 40).args
-            res[(method, step)] = json.loads(rep)["residual"]
-    assert res[("ldps", 3.0)] < res[("ldps", 0.0)] and res[("stsl", 1.0)] < res[("ldps", 0.0)], res
+    out = _restore_residuals(pack, model, pos, vae16, "gaussian_blur", (("ldps", 0.0), ("ldps", 3.0), ("stsl", 1.0)), 5)
+    unguided = out.pop(("ldps", 0.0))
+    assert all(residual < unguided for residual in out.values()), (out, unguided)
 
 
 def test_gradients_through_flux_match_finite_differences(pack, glue, flux):
