@@ -85,7 +85,8 @@ def run(method, model, decode, encode, op, y, grid, like, seed, mean=None, std=N
             z, _, _ = rs.stsl(pred, decode, encode, op, y, grid, "c", like, lr=kw.get("lr", 0.01), generator=g,
                               start=kw.get("start", "adjoint"))
         elif method == "p2l":
-            z, _, _, _ = rs.p2l(pred, decode, encode, op, y, grid, lambda C: MP.gaussian(C, std), mean.float(), zT,
+            make_cond = kw.get("make_cond") or (lambda C: MP.gaussian(C, std))
+            z, _, _, _ = rs.p2l(pred, decode, encode, op, y, grid, make_cond, mean.float(), zT,
                                 rho=kw.get("zeta", 1.0), prompt_steps=1, prompt_lr=1e-2, project_every=4,
                                 cg_lambda=0.01, generator=g)
         else:
@@ -418,11 +419,86 @@ def protocol_r(quick: bool) -> dict:
     return res
 
 
+def protocol_l(quick: bool) -> dict:
+    """(l) flow models. First protocol (c)'s Gaussian problem with the prior's exact denoiser derived
+    in flow parameterisation (core/flow.py) on SD3's shift-3 levels, next to the DDPM-parameterised
+    reference on SD1.5's schedule: distance to the exact posterior mean and consistency per method.
+    Then the Restore node's plumbing on the tiny random-weight SD3 and Flux with a 16-channel VAE
+    (x4 SR of a 64 px photo): consistency, UNet calls, seconds (random weights: no image quality)."""
+    ops, rs, schedule, GMD, MP = _pack()
+    from comfyui_inverse.core.flow import FlowPredictor, gaussian_flow_denoiser
+
+    steps, seeds, g, shape, mean, s, sy, x_true, grid_ddpm, ddpm_model = gaussian_problem(quick)
+    u = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    t = 3.0 * u / (1 + 2.0 * u)
+    sig = (t / (1 - t))[t <= 0.99]
+    flow_model = FlowPredictor(gaussian_flow_denoiser(mean, s), sig)
+    flow_model.evaluations = 0
+    grid_flow = schedule.TimestepGrid.from_schedule(schedule.alphas_cumprod_from_sigmas(sig),
+                                                    schedule.timestep_spacing(steps, len(sig), "trailing"))
+    ident = lambda v: v  # noqa: E731
+    op = ops.Inpaint(ops.random_mask(16, 16, 0.5, seed=1), sigma_y=sy)
+    y = op.measure(x_true, torch.Generator().manual_seed(7))
+    post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), s, sy)
+    out = {"closed_form_inpaint_random_50": {}}
+    for label, model, grid, make_cond in (("ddpm_reference_sd15_schedule", ddpm_model, grid_ddpm, None),
+                                          ("flow_reference_sd3_levels", flow_model, grid_flow, lambda C: C)):
+        res = {}
+        for method in ("ldps", "psld", "p2l", "stsl"):
+            zs = [run(method, model, ident, ident, op, y, grid, x_true, 100 + sd, mean=mean, std=s,
+                      make_cond=make_cond)[0] for sd in seeds]
+            res[method] = {"rmse_to_posterior_mean": round(sum(float((z - post).pow(2).mean().sqrt()) for z in zs)
+                                                           / len(zs), 4),
+                           "consistency": round(sum(consistency(op, y, z) for z in zs) / len(zs), 3)}
+        out["closed_form_inpaint_random_50"][label] = res
+        print(f"(l) {label}: " + json.dumps(res), flush=True)
+    import comfy_host
+
+    if not comfy_host.HOST_FOUND:
+        return out
+    pack = comfy_host.start_inprocess()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    r = importlib.import_module(pack.__name__ + ".nodes.restoration")
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.inference_mode(False):
+        net = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+        comfy_host.init_random(net, 11)
+    vae = comfy.sd.VAE(sd={k: v.detach().clone() for k, v in net.state_dict().items()})
+    import taef2
+    clean = taef2.photo("astronaut", 64).movedim(1, -1)
+    n_steps = 3 if quick else 10
+    for kind in ("sd3", "flux"):
+        model, cond = comfy_host.tiny_flow_model(kind)
+        pos = cond()
+        res = {}
+        with torch.inference_mode():
+            op_n = r.DegradationOperator.execute("sr_avgpool", 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
+            yy = r.DegradeImage.execute(clean, op_n, 0).args[0]
+            for method, step in (("unguided", 0.0), ("ldps", 1.0), ("psld", 1.0), ("p2l", 1.0), ("stsl", 1.0)):
+                t0 = time.perf_counter()
+                _, _, rep = r.Restore.execute(model, vae, pos, yy, op_n, "ldps" if method == "unguided" else method,
+                                              n_steps, 0, step, 0.1, 0.0, 5, 1.0, 0.02, 0.01, "measurement", 1, 1e-3,
+                                              4, 10, 0.01, "tiled", 40).args
+                rep = json.loads(rep)
+                res[method] = {"consistency": round(rep["consistency"], 3), "unet_calls": rep["unet_calls"],
+                               "seconds": round(time.perf_counter() - t0, 2)}
+        out[f"tiny_{kind}_sr_x4"] = res
+        print(f"(l) tiny {kind}, x4 SR, {n_steps} steps: " + json.dumps(res), flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="under a minute")
     ap.add_argument("--protocols", default="fcbma", help="f (fidelity fixes), c, b, a, m (decoder memory) and r "
-                                                         "(Restore's memory at 512 px with SD1.5 sizes, ~10 minutes)")
+                                                         "(Restore's memory at 512 px with SD1.5 sizes, ~10 minutes), "
+                                                         "l (flow models: analytic flow reference, tiny SD3/Flux)")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--restore-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -438,7 +514,7 @@ def main(argv=None):
     results = {"quick": args.quick}
     t0 = time.perf_counter()
     for p, fn in (("f", protocol_f), ("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a),
-                  ("r", protocol_r)):
+                  ("r", protocol_r), ("l", protocol_l)):
         if p in args.protocols:
             results[p] = fn(args.quick)
     results["seconds"] = round(time.perf_counter() - t0, 1)

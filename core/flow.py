@@ -74,10 +74,12 @@ class FlowPredictor:
 def gaussian_flow_denoiser(mean: Tensor, std: float):
     """The exact Tweedie denoiser of the flow x = (1 - s) x0 + s eps with x0 ~ N(mean, std^2 I),
     derived in flow coordinates: E[x0 | x] = mean + std^2 (1 - s) (x - (1 - s) mean) /
-    ((1 - s)^2 std^2 + s^2). ``mean`` is looked up by the conditioning handle when a dict."""
+    ((1 - s)^2 std^2 + s^2). ``mean`` is looked up by the conditioning handle when a dict; a
+    handle that is itself a tensor is the mean (a differentiable "prompt", as P2L tunes)."""
 
     def denoise(x: Tensor, s: float, cond) -> Tensor:
-        m = (mean[cond] if isinstance(mean, dict) else mean).to(x)
+        m = cond if isinstance(cond, Tensor) else (mean[cond] if isinstance(mean, dict) else mean)
+        m = m.to(x)
         var = (1.0 - s) ** 2 * std ** 2 + s ** 2
         return m + std ** 2 * (1.0 - s) * (x - (1.0 - s) * m) / var
 
