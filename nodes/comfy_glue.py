@@ -249,10 +249,39 @@ class Cond:
     """A conditioning handle for :class:`ComfyNoisePredictor`: the name of one of the
     CONDITIONINGs given to :func:`run_with_predictor`, optionally with its cross-attention
     embedding replaced by ``context`` (``[1 or B, tokens, dim]``; e.g. an optimised null-text
-    embedding, differentiable)."""
+    embedding, differentiable) and its pooled vector by ``pooled`` (``[1 or B, width]``: the first
+    ``width`` entries of the model's ``y`` input, which SDXL, SD3 and Flux feed to every block)."""
 
     name: str
     context: Optional[Tensor] = None
+    pooled: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class NullLayout:
+    """How a null-text variable packs a cross-attention embedding [B, L, D] and, where the model
+    has one, a pooled vector [B, P] (P <= D) into one tensor [B, L + 1, D] (the pooled vector
+    zero-padded as an extra row), so that core/'s optimiser sees one tensor."""
+
+    tokens: int
+    pooled: int = 0
+
+    @staticmethod
+    def pack(context: Tensor, pooled: Optional[Tensor]) -> tuple[Tensor, "NullLayout"]:
+        if pooled is None:
+            return context, NullLayout(context.shape[1])
+        B, L, D = context.shape
+        if pooled.shape[-1] > D:
+            return context, NullLayout(L)
+        row = torch.zeros(B, 1, D, dtype=context.dtype, device=context.device)
+        row[:, 0, :pooled.shape[-1]] = pooled.to(context).expand(B, -1)
+        return torch.cat([context, row], 1), NullLayout(L, pooled.shape[-1])
+
+    def cond(self, name: str, packed: Tensor) -> "Cond":
+        packed = packed.to(torch.float32)
+        if not self.pooled:
+            return Cond(name, context=packed)
+        return Cond(name, context=packed[:, :self.tokens], pooled=packed[:, self.tokens, :self.pooled])
 
 
 class ComfyNoisePredictor:
@@ -287,6 +316,15 @@ class ComfyNoisePredictor:
         """The cross-attention embedding of conditioning ``name`` (its first entry)."""
         return self.guider.original_conds[name][0]["cross_attn"]
 
+    def pooled(self, name: str) -> Optional[Tensor]:
+        """The pooled vector of conditioning ``name`` (its first entry) where the model reads one in
+        its ``y`` input (SDXL, SD3, Flux), else None."""
+        pooled = self.guider.original_conds[name][0].get("pooled_output")
+        processed = self.conds.get(name) or [{}]
+        if not isinstance(pooled, Tensor) or "y" not in processed[0].get("model_conds", {}):
+            return None
+        return pooled
+
     # the protocol ---------------------------------------------------------------------------
     def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -300,37 +338,50 @@ class ComfyNoisePredictor:
             raise KeyError(f"unknown conditioning {missing}; have {sorted(self.conds)}")
         cond_lists = [self.conds[h.name] for h in handles]
         options = self.model_options
-        overrides = {i: h.context for i, h in enumerate(handles) if h.context is not None}
+        overrides = {i: h for i, h in enumerate(handles) if h.context is not None or h.pooled is not None}
         if overrides:
             options = self._with_context_overrides(options, overrides)
         denoised = comfy.samplers.calc_cond_batch(self.inner_model, cond_lists, x, sigmas, options)
         self.calls += 1
-        if torch.is_grad_enabled() and (z.requires_grad or any(c.requires_grad for c in overrides.values())):
+        tensors = [t for h in overrides.values() for t in (h.context, h.pooled) if t is not None]
+        if torch.is_grad_enabled() and (z.requires_grad or any(t.requires_grad for t in tensors)):
             self.grad_calls += 1
         if self._on_call is not None:
             self._on_call()
         return torch.stack([self.coords.eps(x, d.float(), sigma) for d in denoised])
 
-    def _with_context_overrides(self, options: dict, overrides: Mapping[int, Tensor]) -> dict:
+    def _with_context_overrides(self, options: dict, overrides: Mapping[int, "Cond"]) -> dict:
         previous = options.get("model_function_wrapper")
+
+        def replace(c: dict, key: str, index, pick) -> None:
+            chunks = c[key].chunk(len(index))
+            c[key] = torch.cat([pick(overrides[i], chunk) if i in overrides else chunk for i, chunk in zip(index, chunks)])
+
+        def context(h: "Cond", chunk: Tensor) -> Tensor:
+            if h.context is None:
+                return chunk
+            ctx = h.context.to(chunk.device, torch.float32)
+            if ctx.shape[-2:] != chunk.shape[-2:]:
+                raise InverseInputError(
+                    f"embedding override has shape {tuple(ctx.shape)}, the conditioning has "
+                    f"{tuple(chunk.shape)}; keep the token count and width of the prompt.")
+            return ctx.expand(chunk.shape[0], -1, -1) if ctx.shape[0] == 1 else ctx
+
+        def pooled(h: "Cond", chunk: Tensor) -> Tensor:
+            if h.pooled is None:
+                return chunk
+            p = h.pooled.to(chunk.device, torch.float32)
+            p = p.expand(chunk.shape[0], -1) if p.shape[0] == 1 else p
+            return torch.cat([p.to(chunk.dtype), chunk[:, p.shape[-1]:]], -1)
 
         def wrapper(apply_model, args):
             c = dict(args["c"])
             index = args["cond_or_uncond"]
-            if "c_crossattn" in c and any(i in overrides for i in index):
-                chunks = c["c_crossattn"].chunk(len(index))
-                parts = []
-                for i, chunk in zip(index, chunks):
-                    if i in overrides:
-                        ctx = overrides[i].to(chunk.device, torch.float32)
-                        if ctx.shape[-2:] != chunk.shape[-2:]:
-                            raise InverseInputError(
-                                f"embedding override has shape {tuple(ctx.shape)}, the conditioning has "
-                                f"{tuple(chunk.shape)}; keep the token count and width of the prompt.")
-                        parts.append(ctx.expand(chunk.shape[0], -1, -1) if ctx.shape[0] == 1 else ctx)
-                    else:
-                        parts.append(chunk)
-                c["c_crossattn"] = torch.cat(parts)
+            if any(i in overrides for i in index):
+                if "c_crossattn" in c:
+                    replace(c, "c_crossattn", index, context)
+                if "y" in c and c["y"] is not None:
+                    replace(c, "y", index, pooled)
             if previous is not None:
                 return previous(apply_model, dict(args, c=c))
             return apply_model(args["input"], args["timestep"], **c)

@@ -314,7 +314,8 @@ class _Edit:
             mixed = proxedit.slerp(self.mix, pred.embedding("source").float(), pred.embedding("negative").float())
             src = glue.Cond("source", context=mixed)
         if self.base == "negative" and result.method == "null_text":
-            per_step = [glue.Cond("negative", context=e) for e in result.extras["null_embeddings"]]
+            layout = result.extras.get("null_layout") or glue.NullLayout(0)
+            per_step = [layout.cond("negative", e) for e in result.extras["null_embeddings"]]
         return src, per_step, "source"
 
 

@@ -269,7 +269,8 @@ class NullTextInversion(io.ComfyNode):
             category=SUB,
             description=("Null-text inversion (Mokady et al. 2023): DDIM inversion at guidance 1 gives a pivot "
                          "trajectory; then, step by step, the unconditional (negative) embedding is optimised "
-                         "with Adam so that guided sampling follows the pivot. The per-step embeddings are stored "
+                         "with Adam so that guided sampling follows the pivot (with its pooled vector on SDXL, "
+                         "SD3 and Flux, which read it in every block). The per-step embeddings are stored "
                          "and used by Sample from Inversion, which then reconstructs at the chosen guidance."),
             inputs=_source_inputs(guidance_default=7.5, negative_tip=(
                 "The unconditional prompt whose embedding is optimised (usually empty text).")) + [
@@ -298,14 +299,17 @@ class NullTextInversion(io.ComfyNode):
             pivot = ddim.ddim_invert(pred, z0, src.grid, "positive", callback=first)
             null = pred.embedding("negative").float()
             null = null.expand(B, *null.shape[1:]).clone() if null.shape[0] == 1 else null.clone()
+            # where the model reads a pooled vector (SDXL, SD3, Flux) it carries the negative prompt
+            # to every block: optimise it with the token embedding
+            null, layout = glue.NullLayout.pack(null, pred.pooled("negative"))
             embs, losses = inv.null_text_optimize(
-                pred, pivot, src.grid, "positive", null, lambda e: glue.Cond("negative", context=e), guidance,
+                pred, pivot, src.grid, "positive", null, lambda e: layout.cond("negative", e), guidance,
                 inner_steps=inner_steps, lr=learning_rate, tol=tolerance, callback=second,
                 grad_context=pred.autograd)
-            return _cpu(pivot), [e.cpu() for e in embs], losses, pred.calls, pred.grad_calls
+            return _cpu(pivot), [e.cpu() for e in embs], losses, pred.calls, pred.grad_calls, layout
 
-        traj, embs, losses, calls, grad_calls = src.run(run, {"negative": negative})
-        extras = {"model_calls": calls, "grad_calls": grad_calls, "null_embeddings": embs,
+        traj, embs, losses, calls, grad_calls, layout = src.run(run, {"negative": negative})
+        extras = {"model_calls": calls, "grad_calls": grad_calls, "null_embeddings": embs, "null_layout": layout,
                   "null_text_losses": losses, "negative_cond": negative}
         return _outputs(model, InversionResult(traj, src.grid, "null_text", guidance, extras), positive, negative)
 
@@ -401,7 +405,8 @@ class SampleFromInversion(io.ComfyNode):
         if inversion.method == "null_text":
             if uncond is None:  # guidance 1 ignores the unconditional branch entirely
                 conds["negative"] = negative
-            make_uncond = lambda e: glue.Cond("negative", context=e.to(torch.float32))  # noqa: E731
+            layout = inversion.extras.get("null_layout") or glue.NullLayout(0)
+            make_uncond = lambda e: layout.cond("negative", e)  # noqa: E731
             uncond = "negative"
 
         def run(pred):

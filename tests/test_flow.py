@@ -264,6 +264,23 @@ def test_proxedit_at_maximum_threshold_is_the_reconstruction_on_sd3(pack, sd3):
     assert not changed, changed
 
 
+def test_null_text_with_the_pooled_vector_beats_euler_inversion_at_cfg_on_sd3(pack, glue, sd3):
+    """SD3 feeds the pooled vector to every block: null-text optimises it with the token embedding
+    (packed by glue.NullLayout), and its reconstruction at CFG 4 then beats Euler inversion's."""
+    model, pos, neg, _ = sd3
+    n = _nodes(pack)
+    x = _lat(6)
+    with torch.inference_mode():
+        euler = n.DDIMInversion.execute(model, pos, 10, 4.0, "auto", negative=neg, latent=x).args[0]
+        rec_euler = n.SampleFromInversion.execute(model, pos, euler, 4.0, 0, negative=neg).args[0]["samples"]
+        nti = n.NullTextInversion.execute(model, pos, 10, 4.0, "auto", 10, 1e-2, 1e-5, negative=neg, latent=x).args[0]
+        rec_nti = n.SampleFromInversion.execute(model, pos, nti, 4.0, 0, negative=neg).args[0]["samples"]
+    layout = nti.extras["null_layout"]
+    assert layout.pooled == 2048 and nti.extras["null_embeddings"][0].shape == (1, 13, 4096)
+    assert _rel(rec_nti, x["samples"]) < 0.5 * _rel(rec_euler, x["samples"]), (_rel(rec_nti, x["samples"]),
+                                                                              _rel(rec_euler, x["samples"]))
+
+
 def test_attention_control_on_a_transformer_is_refused_naming_what_works(pack, glue, sd3):
     model, pos, neg, tar = sd3
     n = _nodes(pack)
