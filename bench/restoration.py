@@ -457,19 +457,8 @@ def protocol_l(quick: bool) -> dict:
     if not comfy_host.HOST_FOUND:
         return out
     pack = comfy_host.start_inprocess()
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
-
     r = importlib.import_module(pack.__name__ + ".nodes.restoration")
-    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    with torch.inference_mode(False):
-        net = AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
-        comfy_host.init_random(net, 11)
-    vae = comfy.sd.VAE(sd={k: v.detach().clone() for k, v in net.state_dict().items()})
+    vae = comfy_host.random_vae16()
     import taef2
     clean = taef2.photo("astronaut", 64).movedim(1, -1)
     n_steps = 3 if quick else 10

@@ -244,3 +244,22 @@ def tiny_flow_model(kind: str):
                  {"pooled_output": torch.randn(1, pooled, generator=g), **extra}]]
 
     return model, cond
+
+
+def random_vae16(seed: int = 11):
+    """ComfyUI's VAE detected from an SD3/Flux-format state dict (16 latent channels, no quant convs),
+    random weights at the real architecture. Call after :func:`start_inprocess`."""
+    import comfy.sd
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.inference_mode(False):
+        net = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+        init_random(net, seed)
+        sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return comfy.sd.VAE(sd=sd)

@@ -360,21 +360,7 @@ def test_ddpm_inversion_and_proxedit_on_flux(pack, flux):
 
 @pytest.fixture(scope="module")
 def vae16(pack):
-    """ComfyUI's VAE detected from an SD3/Flux-format state dict (16 latent channels, no quant convs),
-    random weights at the real architecture."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
-
-    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    with torch.inference_mode(False):
-        net = AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
-            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
-        comfy_host.init_random(net, 11)
-        sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    vae = comfy.sd.VAE(sd=sd)
+    vae = comfy_host.random_vae16()
     assert vae.latent_channels == 16
     return vae
 
