@@ -311,13 +311,9 @@ def rnri_memory_worker(size: int, mode: str, save_to: str) -> dict:
     from peak_memory import Peak, SavedTensors
 
     pack = comfy_host.start_inprocess()
-    import comfy.supported_models as sm
-
     glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
     inv = importlib.import_module(pack.__name__ + ".core.inversion")
-    layout = comfy_host.unet_layout(320, 768, None, [1, 1, 1, 1, 1, 1, 0, 0], 1, [0, 0, 0] + [1] * 9, heads=8)
-    with torch.inference_mode(False):
-        model, _ = comfy_host.random_model(sm.SD15, layout, 0)
+    model = comfy_host.sd15_sized_model()
     g = torch.Generator().manual_seed(0)
     conds = {name: [[torch.randn(1, 77, 768, generator=g), {}]] for name in ("c", "u")}
     z = torch.randn(1, 4, size // 8, size // 8, generator=g)

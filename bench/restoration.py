@@ -375,12 +375,9 @@ def restore_memory_worker(decoder_memory: str, steps: int) -> dict:
 
     pack = comfy_host.start_inprocess()
     import comfy.sd
-    import comfy.supported_models as sm
 
     r = importlib.import_module(pack.__name__ + ".nodes.restoration")
-    layout = comfy_host.unet_layout(320, 768, None, [1, 1, 1, 1, 1, 1, 0, 0], 1, [0, 0, 0] + [1] * 9, heads=8)
-    with torch.inference_mode(False):
-        model, _ = comfy_host.random_model(sm.SD15, layout, 0)
+    model = comfy_host.sd15_sized_model()
     with torch.inference_mode():
         vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[2]
         pos = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]

@@ -340,7 +340,7 @@ class ComfyNoisePredictor:
         options = self.model_options
         overrides = {i: h for i, h in enumerate(handles) if h.context is not None or h.pooled is not None}
         if overrides:
-            options = self._with_context_overrides(options, overrides)
+            options = self._with_overrides(options, overrides)
         denoised = comfy.samplers.calc_cond_batch(self.inner_model, cond_lists, x, sigmas, options)
         self.calls += 1
         tensors = [t for h in overrides.values() for t in (h.context, h.pooled) if t is not None]
@@ -350,7 +350,7 @@ class ComfyNoisePredictor:
             self._on_call()
         return torch.stack([self.coords.eps(x, d.float(), sigma) for d in denoised])
 
-    def _with_context_overrides(self, options: dict, overrides: Mapping[int, "Cond"]) -> dict:
+    def _with_overrides(self, options: dict, overrides: Mapping[int, "Cond"]) -> dict:
         previous = options.get("model_function_wrapper")
 
         def replace(c: dict, key: str, index, pick) -> None:
@@ -919,11 +919,10 @@ class LatentCodec:
                               checkpoint=self.memory != "full").to(z.device)
 
     def decode_output(self, z: Tensor) -> Tensor:
-        """The final image as ComfyUI's VAE Decode makes it (whole, with ComfyUI's own memory
-        management and clamping, no tiles of ours): [B, 3, H, W] in [-1, 1]."""
+        """The final image exactly as ComfyUI's VAE Decode makes it (whole, with ComfyUI's own
+        memory management and clamping, no tiles of ours): a ComfyUI IMAGE [B, H, W, C]."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        img = self.vae.decode(self.latent_format.process_out(z.float()))
-        return img.movedim(-1, 1).float().to(z.device) * 2.0 - 1.0
+        return self.vae.decode(self.latent_format.process_out(z.float()))
 
     def encode(self, x: Tensor) -> Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()

@@ -314,7 +314,7 @@ class _Edit:
             mixed = proxedit.slerp(self.mix, pred.embedding("source").float(), pred.embedding("negative").float())
             src = glue.Cond("source", context=mixed)
         if self.base == "negative" and result.method == "null_text":
-            layout = result.extras.get("null_layout") or glue.NullLayout(0)
+            layout = result.extras["null_layout"]
             per_step = [layout.cond("negative", e) for e in result.extras["null_embeddings"]]
         return src, per_step, "source"
 

@@ -405,7 +405,7 @@ class SampleFromInversion(io.ComfyNode):
         if inversion.method == "null_text":
             if uncond is None:  # guidance 1 ignores the unconditional branch entirely
                 conds["negative"] = negative
-            layout = inversion.extras.get("null_layout") or glue.NullLayout(0)
+            layout = inversion.extras["null_layout"]
             make_uncond = lambda e: layout.cond("negative", e)  # noqa: E731
             uncond = "negative"
 

@@ -278,7 +278,7 @@ class Restore(io.ComfyNode):
                 extra = {"embedding_change": float((tuned - emb.to(tuned)).norm() / emb.norm().clamp_min(1e-12)),
                          "prompt_loss_first_step": losses[:2]}
             with torch.no_grad():
-                x_hat = codec.decode_output(z)
+                x_hat = to_signed(codec.decode_output(z)).to(yy.device)
                 r = float((yy - operator.A(x_hat)).reshape(B, -1).norm(dim=1).mean())
             m = yy[0].numel()
             report = {"method": method, "steps": grid.steps, "unet_calls": pred.calls,

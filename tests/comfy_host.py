@@ -263,3 +263,14 @@ def random_vae16(seed: int = 11):
         init_random(net, seed)
         sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return comfy.sd.VAE(sd=sd)
+
+
+def sd15_sized_model(seed: int = 0):
+    """SD1.5's real UNet (ComfyUI's SD15 class: 320 channels, 8 heads, context 768; 860M parameters)
+    with random float32 weights, for memory measurements. Call after :func:`start_inprocess`."""
+    import comfy.supported_models as sm
+    import torch
+
+    layout = unet_layout(320, 768, None, [1, 1, 1, 1, 1, 1, 0, 0], 1, [0, 0, 0] + [1] * 9, heads=8)
+    with torch.inference_mode(False):
+        return random_model(sm.SD15, layout, seed)[0]

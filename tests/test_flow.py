@@ -25,7 +25,7 @@ if not comfy_host.HOST_FOUND:
         raise RuntimeError(comfy_host.MISSING_REASON)
     pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
 
-from test_comfy_integration import glue, pack  # noqa: E402,F401  (fixtures)
+from test_comfy_integration import _nodes, _rel, glue, pack  # noqa: E402,F401  (fixtures, helpers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,14 +171,6 @@ def test_the_tiny_model_is_sd3_to_comfyui_and_a_flow_model_to_the_glue(pack, glu
 
 def _lat(seed=0, batch=1):
     return {"samples": torch.randn(batch, 16, 8, 8, generator=torch.Generator().manual_seed(seed))}
-
-
-def _nodes(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.inversion")
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _weights(model):
