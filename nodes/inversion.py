@@ -28,7 +28,7 @@ _SPACING_TIP = ("Which timesteps the steps use. auto: 'lcm' for LCM models, else
 
 def _source_inputs(steps_default: int = 50, guidance_default: float = 1.0, negative_tip: str = None) -> list:
     return [
-        io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, LCM, Turbo)."),
+        io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x, SDXL, LCM, Turbo, or a flow model (SD3/SD3.5, Flux)."),
         io.Conditioning.Input("positive", tooltip="The prompt describing the image being inverted."),
         io.Conditioning.Input("negative", optional=True, tooltip=negative_tip or
                               "Negative/unconditional prompt; used only when guidance is not 1."),
@@ -37,7 +37,7 @@ def _source_inputs(steps_default: int = 50, guidance_default: float = 1.0, negat
         io.Image.Input("image", optional=True, tooltip="The image to invert, encoded with the vae input."),
         io.Vae.Input("vae", optional=True, tooltip="VAE used to encode the image input."),
         io.Int.Input("steps", default=steps_default, min=1, max=1000,
-                     tooltip="Number of steps; 50 for SD models, 2-8 for LCM/Turbo."),
+                     tooltip="Number of steps; 50 for SD models, 28 for Flux and SD3.5, 2-8 for LCM/Turbo."),
         io.Float.Input("guidance", default=guidance_default, min=0.0, max=30.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale the inversion is made for; sample with the same "
                                "scale to reconstruct."),

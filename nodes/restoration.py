@@ -149,7 +149,7 @@ class Restore(io.ComfyNode):
                          "tuning + projection onto the measurements). Gradients flow through the VAE decoder; "
                          "decoder_memory bounds their memory at 512x512 and above."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL)."),
+                io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x, SDXL, or a flow model (SD3/SD3.5, Flux)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (its decoder is differentiated)."),
                 io.Conditioning.Input("positive", tooltip="A prompt, e.g. 'a high quality photo' (P2L tunes it)."),
                 io.Image.Input("measurement", tooltip="The degraded image y (small for super-resolution)."),

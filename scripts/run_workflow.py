@@ -154,7 +154,7 @@ class LocalComfy:
     own (the UI)."""
 
     def __init__(self, comfy_dir: Path, extra_checkpoints: Path | None, cpu: bool | None, extra_args: list[str],
-                 port: int | None = None, scratch: bool = True, env: dict | None = None):
+                 port: int | None = None, scratch: bool = True, env: dict | None = None, extra_nodes: tuple = ()):
         if not (comfy_dir / "main.py").is_file():
             raise RunError(f"no ComfyUI at {comfy_dir}: pass --comfyui PATH, set COMFYUI_PATH, or use "
                            f"--server URL for a running ComfyUI", 2)
@@ -164,10 +164,13 @@ class LocalComfy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env
         yaml = ["comfyui_inverse:"]
-        if not pack_installed_in(comfy_dir):
+        links = [] if pack_installed_in(comfy_dir) else [(PACK_DIR_NAME, ROOT)]
+        links += [(Path(d).name, Path(d)) for d in extra_nodes]  # more node folders (the tests' stand-ins)
+        if links:
             nodes_dir = self.tmp / "custom_nodes"
             nodes_dir.mkdir()
-            (nodes_dir / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
+            for name, target in links:
+                (nodes_dir / name).symlink_to(target, target_is_directory=True)
             yaml.append(f"  custom_nodes: {nodes_dir}")
         if extra_checkpoints is not None:
             yaml.append(f"  checkpoints: {extra_checkpoints}")

@@ -33,6 +33,11 @@ MISSING_REASON = (f"{_WHY}: run the tests with `bash scripts/test.sh`, which pro
 PACK_DIR_NAME = "ComfyUI-Inverse"
 CACHE_DIR = provision.cache_dir()
 TINY_CKPT_NAME = "inverse_tiny_sd15_v1.safetensors"
+# the flow-model example workflows' checkpoints, and the test node that stands in for Load Checkpoint
+# with them (tests/host_nodes: a tiny model of the family, its real text-encoder classes, a 16-channel VAE)
+FLOW_CHECKPOINTS = {"flux1-dev-fp8.safetensors": "flux", "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3"}
+TINY_FLOW_LOADER = "TestTinyFlowCheckpoint"
+HOST_NODES = ROOT / "tests" / "host_nodes"
 
 _state: dict = {}
 
@@ -98,6 +103,8 @@ def start_inprocess():
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     ok = asyncio.run(nodes.load_custom_node(str(pack_link_dir() / PACK_DIR_NAME)))
     _state["load_ok"] = ok
+    if not asyncio.run(nodes.load_custom_node(str(HOST_NODES))):
+        raise RuntimeError(f"the test nodes in {HOST_NODES} did not load (see the log above)")
     _state["pack"] = sys.modules[str(pack_link_dir() / PACK_DIR_NAME).replace(".", "_x_")]
     _state["out_dir"] = out_dir
     return _state["pack"]
@@ -136,9 +143,22 @@ def run_prompt(prompt: dict, progress_hook=None):
     return executor, server, executor.history_result["outputs"]
 
 
+def workflow_family(name: str) -> str:
+    """"sd" for the SD1.x/SDXL example workflows, "flux" or "sd3" for the flow-model ones (by the
+    checkpoint their loader names)."""
+    import json
+
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    names = {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"}
+    families = {FLOW_CHECKPOINTS.get(n, "sd") for n in names}
+    assert len(families) == 1, f"{name}: loaders of several families {names}"
+    return families.pop()
+
+
 def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
-    """An API-format example workflow set up for the tiny checkpoint: every checkpoint loader
-    gets the tiny model, every ImageScale ``size`` pixels, and (optionally) every node with a
+    """An API-format example workflow set up for the tiny models: every checkpoint loader gets the
+    tiny SD1.5 checkpoint (a flow model's loader becomes the test node TINY_FLOW_LOADER, which returns
+    a tiny model of its family), every ImageScale ``size`` pixels, and (optionally) every node with a
     ``steps`` input ``steps`` steps and every decoder inversion ``steps`` iterations."""
     import json
 
@@ -146,7 +166,10 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = TINY_CKPT_NAME
+            if inputs["ckpt_name"] in FLOW_CHECKPOINTS:
+                node["class_type"] = TINY_FLOW_LOADER
+            else:
+                inputs["ckpt_name"] = TINY_CKPT_NAME
         if node["class_type"] == "ImageScale":
             inputs["width"] = inputs["height"] = size
         if steps is not None and "steps" in inputs:
@@ -244,6 +267,31 @@ def tiny_flow_model(kind: str):
                  {"pooled_output": torch.randn(1, pooled, generator=g), **extra}]]
 
     return model, cond
+
+
+TINY_T5 = {"num_layers": 1, "d_ff": 64, "num_heads": 2, "d_kv": 32}  # T5-XXL's width (4096), one thin layer
+
+
+def tiny_flow_checkpoint(kind: str):
+    """What Load Checkpoint returns for a flow model, at test size: (MODEL, CLIP, VAE) with the tiny
+    model of :func:`tiny_flow_model`, the family's real text-encoder classes and tokenizers (SD3: CLIP-L
+    and CLIP-G at their real shapes, T5 left out as ComfyUI allows; Flux: CLIP-L at its real shape and
+    T5-XXL's tokenizer and width with one thin layer, through ComfyUI's t5xxl_model_config option),
+    random weights, and :func:`random_vae16`. Call after :func:`start_inprocess` (or in a ComfyUI)."""
+    import comfy.sd
+    import torch
+
+    model, _ = tiny_flow_model(kind)
+    config = model.model.model_config
+    if kind == "sd3":
+        present = {f"text_encoders.clip_{n}.transformer.text_model.final_layer_norm.weight": None for n in "lg"}
+        target, options = config.clip_target(state_dict=present), {}
+    else:
+        target, options = config.clip_target(state_dict={}), {"t5xxl_model_config": dict(TINY_T5)}
+    with torch.inference_mode(False):
+        clip = comfy.sd.CLIP(target, model_options=options)
+        init_random(clip.cond_stage_model, 13)
+    return model, clip, random_vae16()
 
 
 def random_vae16(seed: int = 11):

@@ -182,6 +182,29 @@ class Frontend:
         if missing:
             raise AssertionError(f"no such widgets in the loaded graph: {missing}")
 
+    def replace_node(self, node_id: int, node_type: str) -> None:
+        """Puts a node of ``node_type`` in the place of a node (same id, position, widget values by
+        name, outgoing links; for loaders, which have no linked inputs), as a user would swap it."""
+        got = self.page.evaluate("""({id, type}) => {
+          const g = window.app.graph, old = g.getNodeById(id);
+          const link = (lid) => g.links instanceof Map ? g.links.get(lid) : g.links[lid];
+          const outs = [];
+          (old.outputs || []).forEach((o, slot) => (o.links || []).forEach(lid => {
+            const l = link(lid); outs.push([slot, l.target_id, l.target_slot]); }));
+          const values = Object.fromEntries((old.widgets || []).map(w => [w.name, w.value]));
+          const pos = [...old.pos];
+          g.remove(old);
+          const n = window.LiteGraph.createNode(type);
+          n.id = id; n.pos = pos;
+          g.add(n);
+          for (const w of n.widgets || []) if (w.name in values) w.value = values[w.name];
+          for (const [slot, target, targetSlot] of outs) n.connect(slot, g.getNodeById(target), targetSlot);
+          g.setDirtyCanvas(true, true);
+          return [n.id, n.type];
+        }""", {"id": node_id, "type": node_type})
+        if got != [node_id, node_type]:
+            raise AssertionError(f"replacing node {node_id} by a {node_type} gave {got}")
+
     def queue(self, timeout: float = 600) -> dict:
         """Queues the loaded graph through the frontend (the Queue button's app.queuePrompt) and
         waits for the server's verdict; returns the history entry."""
@@ -204,16 +227,17 @@ class Frontend:
 
 
 class FrontendSession:
-    """A server with this pack and the tiny checkpoint, and a browser page on it (context manager)."""
+    """A server with this pack, the tiny checkpoint (and ``extra_nodes`` folders of custom nodes), and a
+    browser page on it (context manager)."""
 
-    def __init__(self, comfy_dir: Path, checkpoints: Path, inputs: Path, scripts: Path):
+    def __init__(self, comfy_dir: Path, checkpoints: Path, inputs: Path, scripts: Path, extra_nodes: tuple = ()):
         import sys
 
         sys.path.insert(0, str(scripts))
         import run_workflow
 
         self._rw = run_workflow
-        self.local = run_workflow.LocalComfy(comfy_dir, checkpoints, True, [])
+        self.local = run_workflow.LocalComfy(comfy_dir, checkpoints, True, [], extra_nodes=extra_nodes)
         self.inputs = inputs
 
     def __enter__(self) -> Frontend:

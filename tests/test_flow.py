@@ -494,3 +494,44 @@ def test_the_inversion_sampler_and_anderson_on_flux(pack, flux):
     assert _rel(inverted, noise["samples"]) < 1e-5, _rel(inverted, noise["samples"])
     assert _rel(rec_ex, x["samples"]) < 0.5 * _rel(rec, x["samples"]), (_rel(rec_ex, x["samples"]),
                                                                       _rel(rec, x["samples"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the flow-model example workflows (Flux dev, SD3.5), on the tiny models the test loader returns
+
+@pytest.mark.parametrize("stem", ["flux_invert_and_reconstruct", "sd35_invert_and_reconstruct"])
+def test_flow_invert_and_reconstruct_workflow_numbers(pack, stem):
+    """ComfyUI's euler (BasicGuider / CFGGuider) on the exact inversion's sigmas reproduces our sampler,
+    and exact inversion reconstructs the photo's latent better than Euler inversion."""
+    from test_comfy_integration import _latents, _tap
+
+    prompt = comfy_host.api_workflow(stem, size=64, steps=10)
+    for node, name in (("6", "z0"), ("8", "exact"), ("14", "comfy"), ("21", "euler")):
+        _tap(prompt, node, 0, f"{stem}_{name}")
+    executor, _, _ = comfy_host.run_prompt(prompt)
+    assert executor.success
+    z0, exact, comfy, euler = (_latents(comfy_host._state["out_dir"], f"{stem}_{n}") for n in ("z0", "exact", "comfy", "euler"))
+    assert _rel(comfy, exact) < 1e-4, _rel(comfy, exact)
+    assert _rel(exact, z0) < 0.5 * _rel(euler, z0), (_rel(exact, z0), _rel(euler, z0))
+
+
+@pytest.mark.parametrize("stem,source", [("flux_proxedit_word_edit", "3"), ("sd35_proxedit_word_edit", "2")])
+def test_flow_proxedit_workflow_keeps_the_photo_at_quantile_1_and_edits_below(pack, stem, source):
+    """The workflow's ProxEdit at quantile 1 (inversion guidance off) is the inversion's reconstruction
+    with the source prompt; at the workflow's quantile it is an edit."""
+    from test_comfy_integration import _latents, _tap
+
+    prompt = comfy_host.api_workflow(stem, size=64, steps=8)
+    kept = __import__("copy").deepcopy(prompt["21"])
+    kept["inputs"].update(quantile=1.0, inversion_guidance=0.0)
+    prompt["30"] = kept
+    prompt["31"] = {"class_type": "InverseSampleFromInversion",
+                    "inputs": {"model": ["1", 0], "positive": [source, 0], "inversion": ["7", 0], "guidance": 1.0,
+                               "skip_steps": 0}}
+    for node, name in (("21", "edit"), ("30", "kept"), ("31", "rec")):
+        _tap(prompt, node, 0, f"{stem}_{name}")
+    executor, _, _ = comfy_host.run_prompt(prompt)
+    assert executor.success
+    edit, kept, rec = (_latents(comfy_host._state["out_dir"], f"{stem}_{n}") for n in ("edit", "kept", "rec"))
+    assert _rel(kept, rec) < 1e-4, _rel(kept, rec)
+    assert _rel(edit, rec) > 1e-3, _rel(edit, rec)

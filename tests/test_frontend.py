@@ -31,7 +31,8 @@ SHOTS = Path(os.environ.get("COMFYUI_INVERSE_SCREENSHOTS", Path(tempfile.gettemp
 @pytest.fixture(scope="module")
 def fe():
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.tiny_checkpoint().parent,
-                                  comfy_host.ROOT / "workflows" / "input", comfy_host.ROOT / "scripts") as f:
+                                  comfy_host.ROOT / "workflows" / "input", comfy_host.ROOT / "scripts",
+                                  (comfy_host.HOST_NODES,)) as f:
         f.blocked = f.blocked_cells()
         f.canvas = f.canvas_rect()
         yield f
@@ -76,14 +77,14 @@ def test_ui_workflow_loads_converts_and_reads_clearly(fe, stem):
             where = f"node {n['id']} ({n['title']}) widget {w['name']} = {w['value']!r}"
             assert w["value"] is not None, where
             if w["values"] is not None and w["value"] not in w["values"]:
-                assert w["name"] == "ckpt_name" and w["value"] == ui_workflows.SD15["name"], where
+                assert w["name"] == "ckpt_name" and w["value"] in ui_workflows.CHECKPOINTS, where
             if isinstance(w["value"], (int, float)) and not isinstance(w["value"], bool):
                 assert math.isfinite(w["value"]), where
                 assert w["min"] is None or w["value"] >= w["min"], where
                 assert w["max"] is None or w["value"] <= w["max"], where
-    # a checkpoint this server lacks: the missing-models dialog names it (with its download)
-    if any(w["value"] == ui_workflows.SD15["name"] for n in snap["nodes"] for w in n["widgets"]):
-        assert any(ui_workflows.SD15["name"] in d for d in dialogs), dialogs
+    # the checkpoint, which this server lacks: the missing-models dialog names it (with its download)
+    checkpoint = ui_workflows.checkpoint_of(api)
+    assert any(checkpoint in d for d in dialogs), dialogs
     # the frontend's own conversion is the API twin
     assert fe.queued_prompt() == ui_workflows.normalise_api(api)
     # groups per stage and a note
@@ -112,9 +113,13 @@ def test_ui_workflow_loads_converts_and_reads_clearly(fe, stem):
 
 
 def _set_shrunk(fe, stem) -> dict:
-    """Shrinks the loaded graph through its widgets (tiny checkpoint, 64 px, 3 steps) and returns
-    the API prompt that should come out."""
+    """Shrinks the loaded graph through its widgets (tiny checkpoint, 64 px, 3 steps; a flow model's
+    loader swapped for the tests' stand-in) and returns the API prompt that should come out."""
     shrunk = ui_workflows.normalise_api(comfy_host.api_workflow(stem, size=64, steps=3))
+    current = fe.queued_prompt()
+    for nid, node in shrunk.items():
+        if current[nid]["class_type"] != node["class_type"]:
+            fe.replace_node(int(nid), node["class_type"])
     current = fe.queued_prompt()
     changes = {}
     for nid, node in shrunk.items():

@@ -4,7 +4,7 @@ latent format) with SDXL's block layout (transformer depths 0/0/2/2/10/10, 10 in
 attention layers) at narrow channels, and SDXL's real text encoders (CLIP-L and OpenCLIP bigG at
 their real shapes, random weights) -- built once per test session, in memory.
 
-Every example workflow runs end to end on it (its checkpoint loader replaced by a test node that
+Every SD example workflow runs end to end on it (its checkpoint loader replaced by a test node that
 returns this model), and the exactness checks of the SD1.5 integration tests hold on it: DDPM
 reconstruction, ProxEdit at quantile 1, GUIDER = node, MasaCtrl's default layer from the model.
 """
@@ -97,7 +97,10 @@ def test_masactrl_default_layer_comes_from_the_model(pack, glue, sdxl):
     assert len(layers) == 16 and glue.masactrl_start_layer(layers) == 10
 
 
-@pytest.mark.parametrize("stem", [m[0] for m in __import__("ui_workflows").MANIFEST])
+SD_WORKFLOWS = [m[0] for m in __import__("ui_workflows").MANIFEST if comfy_host.workflow_family(m[0]) == "sd"]
+
+
+@pytest.mark.parametrize("stem", SD_WORKFLOWS)
 def test_example_workflow_runs_on_sdxl(pack, sdxl, stem):
     prompt = comfy_host.api_workflow(stem, size=64, steps=3)
     for node in prompt.values():

@@ -24,8 +24,30 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes, never queued
 
 SD15 = {"name": "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"}
-GPU_NOTE = ("Sized for a GPU: 512 x 512 px and 50 steps. On a CPU, set the Resize node to 256 x 256 and the "
-            "step counts to 10 first.")
+FLUX = {"name": "flux1-dev-fp8.safetensors", "directory": "checkpoints",
+        "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors"}
+SD35 = {"name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "directory": "checkpoints",
+        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+               "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}
+CHECKPOINTS = {m["name"]: m for m in (SD15, FLUX, SD35)}  # what the loaders name, with its download
+# per checkpoint: what the note says about the model, and about the machine it needs
+MODEL_NOTE = {
+    SD15["name"]: ("Checkpoint: any SD1.x/SD2.x/SDXL checkpoint (the file named in Load Checkpoint is SD1.5's; the "
+                   "frontend offers its download if it is missing).",
+                   "Sized for a GPU: 512 x 512 px and 50 steps. On a CPU, set the Resize node to 256 x 256 and the "
+                   "step counts to 10 first."),
+    FLUX["name"]: ("Checkpoint: Flux dev, Comfy-Org's single file with its text encoders and VAE (the frontend offers "
+                   "its download if it is missing). Other Flux files: Load Diffusion Model + DualCLIPLoader + Load VAE "
+                   "instead. Flux dev has no negative prompt: its guidance is the FluxGuidance input (2 here, as in "
+                   "the flow-editing papers; 3.5 is its text-to-image default), and the Inverse nodes' guidance stays 1.",
+                   "Needs a GPU: a 12B model at 1024 x 1024 px and 28 steps (about 16 GB of GPU memory for the "
+                   "fp8 file). A CPU is far too slow for Flux: try the SD1.5 workflows there."),
+    SD35["name"]: ("Checkpoint: SD3.5 medium with its text encoders (the frontend offers its download if it is "
+                   "missing); SD3.5 large and SD3 medium work too. SD3.5 uses classifier-free guidance (4.5 here) "
+                   "with a negative prompt, as in its own workflows.",
+                   "Needs a GPU: 1024 x 1024 px and 28 steps. On a CPU, set the Resize node to 256 x 256 and the "
+                   "step counts to 8 first, and expect minutes per step."),
+}
 
 # (API twin, card title, what it shows, what to change); the order is the reading order
 MANIFEST = [
@@ -93,16 +115,37 @@ MANIFEST = [
     ("restore_compare_methods", "Restore - LDPS, PSLD, P2L and STSL compared",
      "The four restoration samplers side by side on one Gaussian-blurred photo, with their reports.",
      "the photo, the operator, steps"),
+    ("flux_invert_and_reconstruct", "Flux - invert and reconstruct (Euler vs exact inversion)",
+     "Flux dev: Euler inversion (DDIM in flow coordinates) and exact inversion (Anderson, 3 model calls per step) "
+     "of a photo, each reconstructed; the exact one also with ComfyUI's own euler sampler on its sigmas.",
+     "the photo, the prompt, FluxGuidance, steps"),
+    ("flux_proxedit_word_edit", "Flux - ProxEdit word edit",
+     "Flux dev: exact inversion, then ProxEdit towards the target prompt with the source prompt's prediction as the "
+     "base (no negative branch); quantile 1 gives back the photo.",
+     "the photo, source and target prompts, guidance (the edit strength, 2-4), quantile"),
+    ("flux_restore_sr_x4_stsl", "Flux - restore super-resolution x4 (STSL)",
+     "Posterior-sampling super-resolution with STSL on Flux dev. Degrade Image makes the low-resolution test input.",
+     "the photo; to restore your own low-resolution image, feed it to Restore's measurement instead"),
+    ("sd35_invert_and_reconstruct", "SD3.5 - invert and reconstruct (Euler vs exact inversion)",
+     "SD3.5 at guidance 4.5: Euler inversion and exact inversion (Anderson) of a photo, each reconstructed; the exact "
+     "one also with ComfyUI's own euler sampler and CFGGuider on its sigmas.",
+     "the photo, the prompt, guidance, steps"),
+    ("sd35_proxedit_word_edit", "SD3.5 - ProxEdit word edit",
+     "SD3.5: negative-prompt inversion, then ProxEdit towards the target prompt at guidance 4.5.",
+     "the photo, source and target prompts, the proximal threshold (quantile)"),
+    ("sd35_restore_gaussian_deblur_stsl", "SD3.5 - restore Gaussian deblur (STSL)",
+     "Posterior-sampling Gaussian deblurring with STSL on SD3.5.",
+     "the photo, blur sigma, noise sigma_y; your own blurred image goes to Restore's measurement"),
 ]
 
 STAGE_OF = {
-    "CheckpointLoaderSimple": 0, "LoadImage": 0, "ImageScale": 0, "CLIPTextEncode": 0,
+    "CheckpointLoaderSimple": 0, "LoadImage": 0, "ImageScale": 0, "CLIPTextEncode": 0, "FluxGuidance": 0,
     "InversePromptToPrompt": 0,
     "InverseDegradationOperator": 1, "InverseDegradeImage": 1, "VAEEncode": 1,
     "InverseDDIMInversion": 1, "InverseExactInversion": 1, "InverseNegativePromptInversion": 1,
     "InverseNullTextInversion": 1, "InverseDDPMInversion": 1, "InverseDecoderInversion": 1,
     "InverseSampleFromInversion": 2, "InverseProxEdit": 2, "InverseMasaCtrl": 2, "InverseProxEditGuider": 2,
-    "KSamplerSelect": 2, "CFGGuider": 2, "DisableNoise": 2, "SamplerCustomAdvanced": 2, "InverseRestore": 2,
+    "KSamplerSelect": 2, "CFGGuider": 2, "BasicGuider": 2, "DisableNoise": 2, "SamplerCustomAdvanced": 2, "InverseRestore": 2,
     "VAEDecode": 3, "SaveImage": 3, "PreviewAny": 3, "ImageBatch": 3,
 }
 GROUP_COLORS = ["#3f789e", "#8A8", "#b06634", "#a1309b"]
@@ -133,12 +176,19 @@ def _stage_titles(prompt: dict) -> list[str]:
     return ["Load: model, photo, prompts", "Encode and invert", "Reconstruct", "Decode and save"]
 
 
+def checkpoint_of(prompt: dict) -> str:
+    """The checkpoint an example workflow loads (one per workflow)."""
+    names = {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"}
+    if len(names) != 1 or not names <= set(CHECKPOINTS):
+        raise ValueError(f"an example workflow loads one checkpoint of {sorted(CHECKPOINTS)}, not {sorted(names)}")
+    return names.pop()
+
+
 def note_text(stem: str) -> str:
     i = [m[0] for m in MANIFEST].index(stem)
     _, title, shows, change = MANIFEST[i]
-    return (f"{title}\n\n{shows}\n\nChange: {change}.\n\nCheckpoint: any SD1.x/SD2.x/SDXL checkpoint "
-            f"(the file named in Load Checkpoint is SD1.5's; the frontend offers its download if it is missing).\n\n"
-            f"{GPU_NOTE}")
+    model, machine = MODEL_NOTE[checkpoint_of(json.loads((ROOT / "workflows" / "api" / f"{stem}.json").read_text()))]
+    return f"{title}\n\n{shows}\n\nChange: {change}.\n\n{model}\n\n{machine}"
 
 
 def _inputs(node_cls) -> list[tuple[str, object, dict]]:
@@ -228,12 +278,14 @@ def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem:
         cls = node_classes[prompt[k]["class_type"]]
         n["outputs"] = [{"name": name, "type": typ, "links": out_links.get((k, i), []), "slot_index": i}
                         for i, (name, typ) in enumerate(_outputs(cls))]
-        if n["type"] == "CheckpointLoaderSimple":
-            n["properties"]["models"] = [dict(SD15)]
+        if n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] in CHECKPOINTS:
+            n["properties"]["models"] = [dict(CHECKPOINTS[n["widgets_values"][0]])]
     ui = {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
           "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
-    if any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == SD15["name"] for n in nodes):
-        ui["models"] = [dict(SD15)]
+    models = [dict(CHECKPOINTS[name]) for name in sorted({n["widgets_values"][0] for n in nodes
+                                                          if n["type"] == "CheckpointLoaderSimple"} & set(CHECKPOINTS))]
+    if models:
+        ui["models"] = models
     if sizes is not None:
         _lay_out(ui, prompt, ids, depth, sizes, stem, max_column_h)
     return ui
@@ -409,7 +461,8 @@ def main() -> None:
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.tiny_checkpoint().parent,
-                                  ROOT / "workflows" / "input", ROOT / "scripts") as fe:
+                                  ROOT / "workflows" / "input", ROOT / "scripts",
+                                  (comfy_host.HOST_NODES,)) as fe:
         canvas, blocked = fe.canvas_rect(), fe.blocked_cells()
         readable = fe.low_quality_below()
         print(f"canvas {canvas}, {len(blocked)} cells covered by panels, text drawn from zoom {readable:.3f}")
