@@ -436,6 +436,7 @@ THUMB_SIZE = (640, 400)
 SCREENSHOTS = {  # one per capability, for the README
     "invert_and_reconstruct": "inversion", "proxedit_p2p_word_swap": "editing",
     "decoder_inversion": "decoder_inversion", "restore_compare_methods": "restoration",
+    "flux_invert_and_reconstruct": "flow_models",
 }
 
 
