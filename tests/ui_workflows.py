@@ -40,8 +40,9 @@ MODEL_NOTE = {
                    "its download if it is missing). Other Flux files: Load Diffusion Model + DualCLIPLoader + Load VAE "
                    "instead. Flux dev has no negative prompt: its guidance is the FluxGuidance input (2 here, as in "
                    "the flow-editing papers; 3.5 is its text-to-image default), and the Inverse nodes' guidance stays 1.",
-                   "Needs a GPU: a 12B model at 1024 x 1024 px and 28 steps (about 16 GB of GPU memory for the "
-                   "fp8 file). A CPU is far too slow for Flux: try the SD1.5 workflows there."),
+                   "Needs a GPU that runs Flux dev in ComfyUI: a 12B model at 1024 x 1024 px and 28 steps (Restore "
+                   "also back-propagates through it: lower the Resize node if memory runs out). A CPU is far too "
+                   "slow for Flux: try the SD1.5 workflows there."),
     SD35["name"]: ("Checkpoint: SD3.5 medium with its text encoders (the frontend offers its download if it is "
                    "missing); SD3.5 large and SD3 medium work too. SD3.5 uses classifier-free guidance (4.5 here) "
                    "with a negative prompt, as in its own workflows.",
