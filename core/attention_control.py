@@ -14,6 +14,13 @@
   self-attention layer ``start_layer`` on, the target branch's queries attend to the source
   branch's keys and values ("source"), to both branches' ("joint") or to its own ("none").
 
+- MasaCtrl on a transformer's joint attention (MM-DiT: SD3; Flux's double and single blocks), the
+  analogue the flow-editing papers use (shared image-token keys and values: RF-Solver-Edit and
+  FireFlow share the source's values in Flux's later blocks, KV-Edit its keys and values): prompt and
+  image tokens form one sequence, and the target branch keeps its own prompt tokens while its image
+  tokens' keys and values are the source's ("source"), or the source's are added to its own
+  ("joint"); :func:`joint_mutual_attention`.
+
 Only the conditional target branch is edited (P2P edits ``attn[h // 2:]``); the source branch runs on
 the stored inversion latent (NOTES.md) in a separate *capture* call before each step's *inject* call,
 so that the source's probabilities, keys and values are known when the target attends. MasaCtrl may
@@ -223,6 +230,32 @@ def mutual_self_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_src: Tensor
     return attention(q, k_own, v_own, heads)
 
 
+def _tokens(x: Tensor, dim: int, a: int, b: int) -> Tensor:
+    return x.narrow(dim, a, b - a)
+
+
+def joint_mutual_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_src: Tensor, v_src: Tensor, image: slice,
+                           token_dim: int, strategy: str, attention: Callable) -> Tensor:
+    """MasaCtrl on joint attention: the tokens along ``token_dim`` are the prompt's and the image's,
+    the image's at ``image``; ``k_src``/``v_src`` are the source branch's image tokens. "source": the
+    edited branch's keys and values with its image tokens replaced by the source's (its prompt tokens
+    kept, positions unchanged); "joint": those, followed by its own image tokens' (its queries see
+    both images); "none": its own. ``attention(q, k, v)`` is the host's attention."""
+    if strategy == "none":
+        return attention(q, k_own, v_own)
+    a, b = image.start, image.stop
+    L = k_own.shape[token_dim]
+
+    def swap(own, src):
+        return torch.cat([_tokens(own, token_dim, 0, a), src.to(own.dtype), _tokens(own, token_dim, b, L)], token_dim)
+
+    k, v = swap(k_own, k_src), swap(v_own, v_src)
+    if strategy == "joint":
+        k = torch.cat([k, _tokens(k_own, token_dim, a, b)], token_dim)
+        v = torch.cat([v, _tokens(v_own, token_dim, a, b)], token_dim)
+    return attention(q, k, v)
+
+
 def local_blend_mask(maps_src: Tensor, maps_tar: Tensor, latent_hw: tuple[int, int], threshold: float,
                      dilation: int = 1) -> Tensor:
     """P2P's LocalBlend mask from word maps [b, 1, h, w] of the source and target words: max-pool
@@ -353,6 +386,34 @@ class AttentionController:
                 outs.append(self._inject(kind, key, layer, role, qc, kc, vc, heads, latent_hw))
             else:
                 outs.append(self.attention(qc, kc, vc, heads))
+        return torch.cat(outs)
+
+    def attend_joint(self, key: Hashable, layer: int, q: Tensor, k: Tensor, v: Tensor, chunk_roles: Sequence,
+                     image: slice, token_dim: int) -> Tensor:
+        """A transformer block's joint attention (prompt and image tokens in one sequence, the image's
+        at ``image`` along ``token_dim``) for a batch of equal chunks in ``chunk_roles``: MasaCtrl
+        only (:func:`joint_mutual_attention`); ``self.attention`` is called as attention(q, k, v)."""
+        if self.mode == "off" or not any(r in (SOURCE, SOURCE_BASE, BASE, TARGET) for r in chunk_roles):
+            return self.attention(q, k, v)
+        n = len(chunk_roles)
+        outs = []
+        for role, qc, kc, vc in zip(chunk_roles, q.chunk(n), k.chunk(n), v.chunk(n)):
+            if self.mode == "capture" and (role == SOURCE and self.masa_active(layer)
+                                           or role == SOURCE_BASE and self.masa_base_active(layer)):
+                self.store[("kv", role, key)] = (_tokens(kc, token_dim, image.start, image.stop),
+                                                  _tokens(vc, token_dim, image.start, image.stop))
+            elif self.mode == "inject" and role == TARGET and self.masa_active(layer):
+                k_src, v_src = self._stored(("kv", SOURCE, key))
+                self.edited_calls += 1
+                outs.append(joint_mutual_attention(qc, kc, vc, k_src, v_src, image, token_dim, self.masa.strategy,
+                                                   self.attention))
+                continue
+            elif self.mode == "inject" and role == BASE and self.masa_base_active(layer):
+                k_src, v_src = self._stored(("kv", SOURCE_BASE, key))
+                outs.append(joint_mutual_attention(qc, kc, vc, k_src, v_src, image, token_dim,
+                                                   self.masa.base_strategy, self.attention))
+                continue
+            outs.append(self.attention(qc, kc, vc))
         return torch.cat(outs)
 
     def _blend_layer(self, n_queries: int, latent_hw) -> Optional[tuple[int, tuple[int, int]]]:

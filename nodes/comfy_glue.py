@@ -762,13 +762,32 @@ def word_tokens(clip, word: str) -> list[int]:
     return prompt_tokens(clip, word, "words")[0]
 
 
-def attention_layers(model) -> list[tuple[str, int, int]]:
-    """The UNet's transformer layers in forward order as ComfyUI's patch keys (block, id, index)."""
+def dit_blocks(model) -> list[tuple[str, int]] | None:
+    """A joint-attention transformer's blocks in forward order as ComfyUI's "dit" patch keys: Flux's
+    ("double_block", i) then ("single_block", i), MM-DiT's (SD3) ("double_block", i); None for
+    other models."""
     dm = getattr(model.model, "diffusion_model", None)
+    if hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"):  # Flux
+        return ([("double_block", i) for i in range(len(dm.double_blocks))]
+                + [("single_block", i) for i in range(len(dm.single_blocks))])
+    if hasattr(dm, "joint_blocks"):  # MM-DiT
+        return [("double_block", i) for i in range(len(dm.joint_blocks))]
+    return None
+
+
+def attention_layers(model) -> list[tuple]:
+    """The attention layers attention control acts on, in forward order, as ComfyUI's patch keys:
+    a UNet's transformer layers (block, id, index), or a joint-attention transformer's blocks
+    (:func:`dit_blocks`)."""
+    dm = getattr(model.model, "diffusion_model", None)
+    blocks = dit_blocks(model)
+    if blocks is not None:
+        return blocks
     if dm is None or not hasattr(dm, "input_blocks") or not hasattr(dm, "output_blocks"):
         raise InverseInputError("attention_control: prompt-to-prompt and MasaCtrl control a UNet's attention "
-                                "(SD1.x, SD2.x, SDXL); this model is a transformer (e.g. SD3, Flux) without UNet "
-                                "blocks. Disconnect attention_control: ProxEdit's proximal guidance alone works on it.")
+                                "(SD1.x, SD2.x, SDXL) or the joint attention of SD3's and Flux's blocks; this model "
+                                "has neither. Disconnect attention_control: ProxEdit's proximal guidance alone works "
+                                "on it.")
     keys = []
     stages = (("input", list(dm.input_blocks)), ("middle", [dm.middle_block] if dm.middle_block is not None else []),
               ("output", list(dm.output_blocks)))
@@ -782,10 +801,14 @@ def attention_layers(model) -> list[tuple[str, int, int]]:
     return keys
 
 
-def masactrl_start_layer(layers: list[tuple[str, int, int]]) -> int:
-    """MasaCtrl's default start layer for a UNet's attention layers (:func:`attention_layers`): its
-    first decoder (output-block) layer plus a third of its decoder layers -- the paper's 10 for
-    SD1.x/2.x (16 layers, decoder 7-15), 46 for SDXL (70 layers, decoder 34-69)."""
+def masactrl_start_layer(layers: list[tuple]) -> int:
+    """MasaCtrl's default start layer (:func:`attention_layers`): for a UNet its first decoder
+    (output-block) layer plus a third of its decoder layers -- the paper's 10 for SD1.x/2.x (16
+    layers, decoder 7-15), 46 for SDXL (70 layers, decoder 34-69); for a transformer the later half
+    of its blocks (Flux: 28 of 57, single blocks 9-37; the flow-editing papers share the source's
+    features in Flux's later single blocks; SD3.5 medium: 12 of 24)."""
+    if layers and len(layers[0]) == 2:
+        return len(layers) // 2
     decoder = [n for n, (block, _i, _j) in enumerate(layers) if block == "output"]
     if not decoder:
         return 0
@@ -800,6 +823,8 @@ def with_attention_control(model, controller):
     import comfy.ldm.modules.attention as attention
 
     layers = attention_layers(model)
+    if len(layers[0]) == 2:
+        return _with_joint_attention_control(model, controller, layers)
     order = {key: n for n, key in enumerate(layers)}
     clone = model.clone()
 
@@ -807,8 +832,7 @@ def with_attention_control(model, controller):
         def patch(q, k, v, extra_options):
             block = extra_options.get("block")
             key = (block[0], block[1], extra_options.get("block_index", 0))
-            index = extra_options.get("cond_or_uncond") or [0]
-            roles = [controller.roles[j] if j < len(controller.roles) else None for j in index]
+            roles = _roles(controller, extra_options)
             shape = extra_options.get("original_shape")
             precision = extra_options.get("attn_precision")
             controller.attention = lambda q_, k_, v_, h: attention.optimized_attention(q_, k_, v_, h, attn_precision=precision)
@@ -820,6 +844,74 @@ def with_attention_control(model, controller):
     for name, i in sorted({(b, i) for b, i, _ in layers}):
         clone.set_model_attn1_replace(self_patch, name, i)
         clone.set_model_attn2_replace(cross_patch, name, i)
+    return clone
+
+
+def _roles(controller, transformer_options) -> list:
+    index = (transformer_options or {}).get("cond_or_uncond") or [0]
+    return [controller.roles[j] if j < len(controller.roles) else None for j in index]
+
+
+def _with_joint_attention_control(model, controller, blocks):
+    """:func:`with_attention_control` for a joint-attention transformer (Flux, MM-DiT): a "dit" block
+    patch on every block records where the image tokens sit in its joint sequence (the prompt's
+    first, the image's after them; Flux's double blocks may flip the two), and an
+    ``optimized_attention_override`` sends that block's joint attention through the controller
+    (:meth:`core.attention_control.AttentionController.attend_joint`); every other attention call,
+    and every call outside an edit, goes to the attention it would have used (an earlier override
+    included). The shared model is not changed."""
+    dm = model.model.diffusion_model
+    order = {key: n for n, key in enumerate(blocks)}
+    clone = model.clone()
+    state: dict = {}
+
+    def block_patch(key):
+        def patch(args, extra):
+            n_img = args["img"].shape[1]
+            if key[0] == "single_block":  # Flux: one sequence, the prompt's tokens first
+                n_txt = state.get("n_txt", 0)
+                image, length = slice(n_txt, n_img), n_img
+            else:
+                n_txt = args["txt"].shape[1]
+                state["n_txt"] = n_txt
+                blocks_list = getattr(dm, "double_blocks", None)
+                flipped = blocks_list is not None and getattr(blocks_list[key[1]], "flipped_img_txt", False)
+                image = slice(0, n_img) if flipped else slice(n_txt, n_txt + n_img)
+                length = n_txt + n_img
+            state["block"] = (key, image, length)
+            try:
+                return extra["original_block"](args)
+            finally:
+                state.pop("block", None)
+        return patch
+
+    earlier = clone.model_options.get("transformer_options", {}).get("optimized_attention_override")
+
+    def override(func, q, k, v, *rest, **kwargs):
+        def plain(q_, k_, v_):  # the attention this call would have run (heads etc. in rest / kwargs)
+            if earlier is not None:
+                return earlier(func, q_, k_, v_, *rest, **kwargs)
+            return func(q_, k_, v_, *rest, **kwargs)
+
+        block = state.get("block")
+        token_dim = 2 if kwargs.get("skip_reshape") else 1  # Flux: [B, heads, L, d]; MM-DiT: [B, L, heads d]
+        if block is None or q.shape[token_dim] != block[2]:
+            return plain(q, k, v)
+        key, image, _ = block
+        masa = controller.masa
+        if kwargs.get("mask") is not None and masa is not None and "joint" in (masa.strategy, masa.base_strategy):
+            # "source" keeps every token where it is (a mask still fits); "joint" appends tokens
+            raise InverseInputError("attention_control: MasaCtrl's 'joint' strategy adds the source's image tokens "
+                                    "to a masked attention; choose strategy 'source' with attention masks.")
+        controller.attention = plain
+        return controller.attend_joint(key, order[key], q, k, v, _roles(controller, kwargs.get("transformer_options")),
+                                       image, token_dim)
+
+    for key in blocks:
+        clone.set_model_patch_replace(block_patch(key), "dit", key[0], key[1])
+    # after the block patches: each of them replaces the clone's transformer_options with a copy
+    clone.model_options["transformer_options"] = {**clone.model_options.get("transformer_options", {}),
+                                                  "optimized_attention_override": override}
     return clone
 
 

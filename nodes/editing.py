@@ -164,7 +164,10 @@ class MasaCtrl(io.ComfyNode):
             description=("MasaCtrl mutual self-attention control (Cao et al. 2023) for ProxEdit (ProxMasaCtrl): from a "
                          "start step and layer on, the edited image's self-attention queries read the source image's "
                          "keys and values, so pose and layout can change while appearance and identity stay. Chain "
-                         "after Prompt-to-Prompt to combine both in one edit, or edit twice for texture then pose."),
+                         "after Prompt-to-Prompt to combine both in one edit, or edit twice for texture then pose. "
+                         "On SD3 and Flux (joint prompt-image attention) the edited image keeps its own prompt "
+                         "tokens and reads the source image's keys and values, as the flow-editing papers share "
+                         "features in the later blocks."),
             inputs=[
                 io.Int.Input("start_step", default=4, min=0, max=1000,
                              tooltip="First sampling step with mutual self-attention (paper: 4 of 50; 0-1 for "
@@ -173,7 +176,8 @@ class MasaCtrl(io.ComfyNode):
                              tooltip="First self-attention layer in forward order. -1 = from the model: its first "
                                      "decoder layer plus a third of its decoder layers, which is the paper's 10 of "
                                      "SD1.x/2.x's 16 (decoder 7-15) and 46 of SDXL's 70 (decoder 34-69; MasaCtrl's "
-                                     "SDXL examples use 44-64)."),
+                                     "SDXL examples use 44-64). On SD3/Flux: the first transformer block, -1 = the "
+                                     "later half (Flux: 28 of its 19 double + 38 single blocks; SD3.5 medium: 12 of 24)."),
                 io.Combo.Input("strategy", options=list(ac.MASA_STRATEGIES), default="source",
                                tooltip="What the target branch's queries attend to: source keys/values (paper default), "
                                        "both branches' (joint) or its own (none)."),
@@ -277,6 +281,12 @@ class _Edit:
             conds["source"] = source
             self._check_prompts(attention_control, source, target)
             layers = glue.attention_layers(model)
+            if attention_control.p2p is not None and glue.dit_blocks(model) is not None:
+                raise glue.InverseInputError(
+                    "attention_control: prompt-to-prompt edits a UNet's cross-attention maps; SD3 and Flux have no "
+                    "cross-attention (prompt and image share one attention). Connect MasaCtrl alone (it shares the "
+                    "source image's keys and values in the later blocks), or disconnect attention_control: "
+                    "ProxEdit's proximal guidance alone works on it.")
             masa = attention_control.masactrl
             if masa is not None and masa.start_layer < 0:
                 masa = dataclasses.replace(masa, start_layer=glue.masactrl_start_layer(layers))

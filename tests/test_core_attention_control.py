@@ -114,6 +114,59 @@ def test_masactrl_strategies(strategy):
         assert torch.allclose(tar, want if active else ac.sdpa(qt, kt, vt, 2), atol=1e-5)
 
 
+def _explicit_attention(q, k, v):
+    """Softmax attention written out, [B, heads, L, d] (the layout Flux hands its attention)."""
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+    return p @ v
+
+
+@pytest.mark.parametrize("strategy", ["source", "joint", "none"])
+@pytest.mark.parametrize("image_first", [False, True])
+def test_masactrl_on_joint_attention_keeps_the_prompt_tokens_and_shares_the_source_image(strategy, image_first):
+    """A joint-attention block (prompt and image tokens in one sequence): the target's queries attend
+    to its own prompt tokens and the source's image tokens ("source"), plus its own image tokens
+    ("joint"), or to its own sequence ("none"); written out token by token. Both token layouts
+    (Flux [B, heads, L, d], MM-DiT [B, L, heads d]) give the same result."""
+    g = torch.Generator().manual_seed(3)
+    n_txt, n_img, heads, d = 5, 7, 2, 4
+    masa = ac.MutualSelfAttention(start_step=1, start_layer=1, strategy=strategy, base_strategy="none")
+    image = slice(0, n_img) if image_first else slice(n_txt, n_txt + n_img)
+    txt = [i for i in range(n_txt + n_img) if not image.start <= i < image.stop]
+    src, tar = ([torch.randn(1, heads, n_txt + n_img, d, generator=g) for _ in range(3)] for _ in range(2))
+    qt, kt, vt = tar
+    k_src_img, v_src_img = src[1][:, :, image], src[2][:, :, image]
+    keys = {"source": (torch.cat([kt[:, :, txt], k_src_img], 2), torch.cat([vt[:, :, txt], v_src_img], 2)),
+            "joint": (torch.cat([kt[:, :, txt], k_src_img, kt[:, :, image]], 2),
+                      torch.cat([vt[:, :, txt], v_src_img, vt[:, :, image]], 2)),
+            "none": (kt, vt)}[strategy]
+    want = _explicit_attention(qt, *keys)  # attention does not depend on the order of the keys
+
+    def merged(x):  # [B, heads, L, d] -> [B, L, heads d]
+        return x.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], heads * d)
+
+    for token_dim in (2, 1):
+        lay = (lambda x: x) if token_dim == 2 else merged
+        ctl = ac.AttentionController(ac.AttentionControl(masactrl=masa), 10)
+        if token_dim == 2:
+            ctl.attention = _explicit_attention
+        else:
+            def attention(q, k, v):
+                split = [x.reshape(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3) for x in (q, k, v)]
+                return merged(_explicit_attention(*split))
+            ctl.attention = attention
+        for step, layer, active in ((2, 1, True), (2, 0, False), (0, 1, False)):
+            ctl.begin_step(step)
+            ctl.capture([ac.SOURCE])
+            ctl.attend_joint("b", layer, *(lay(x) for x in src), [ac.SOURCE], image, token_dim)
+            ctl.inject([ac.BASE, ac.TARGET])
+            out = ctl.attend_joint("b", layer, *(lay(torch.cat([x, x])) for x in tar), [ac.BASE, ac.TARGET], image,
+                                   token_dim)
+            base, got = out.chunk(2)
+            plain = lay(_explicit_attention(qt, kt, vt))
+            assert torch.allclose(base, plain, atol=1e-5)  # base_strategy "none"
+            assert torch.allclose(got, lay(want) if active else plain, atol=1e-5), (strategy, token_dim, step, layer)
+
+
 def test_masactrl_on_the_base_branch_uses_the_source_latent_under_the_base_prompt():
     masa = ac.MutualSelfAttention(start_step=0, start_layer=0, strategy="none", base_strategy="source")
     ctl = ac.AttentionController(ac.AttentionControl(masactrl=masa), 10)

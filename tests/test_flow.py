@@ -273,18 +273,74 @@ def test_null_text_with_the_pooled_vector_beats_euler_inversion_at_cfg_on_sd3(pa
                                                                               _rel(rec_euler, x["samples"]))
 
 
-def test_attention_control_on_a_transformer_is_refused_naming_what_works(pack, glue, sd3):
-    model, pos, neg, tar = sd3
+def test_prompt_to_prompt_on_a_transformer_is_refused_naming_masactrl(pack, glue):
+    """SD3 and Flux have no cross-attention: prompt-to-prompt is refused with what works instead."""
+    import nodes
+
+    model, clip, _ = nodes.NODE_CLASS_MAPPINGS[comfy_host.TINY_FLOW_LOADER]().load(
+        "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors")
     n = _nodes(pack)
     ed = importlib.import_module(pack.__name__ + ".nodes.editing")
+    src, tar = "a photo of a cat", "a photo of a dog"
     with torch.inference_mode():
+        control, pos, target = ed.PromptToPrompt.execute(clip, src, tar, "replace", 0.8, 0.4, "", False, "", 0.3,
+                                                         0.2).args
         npi = n.NegativePromptInversion.execute(model, pos, 6, "auto", latent=_lat(5)).args[0]
-        control = ed.MasaCtrl.execute(2, -1, "source", "source").args[0]
-        with pytest.raises(glue.InverseInputError, match="^attention_control: .*transformer.*Disconnect attention_"
-                                                         "control: ProxEdit's proximal guidance alone works"):
-            ed.ProxEdit.execute(model, npi, tar, base="source", guidance=4.0, prox="hard", quantile=0.7,
+        with pytest.raises(glue.InverseInputError, match="^attention_control: prompt-to-prompt .*no cross-attention.*"
+                                                         "Connect MasaCtrl alone"):
+            ed.ProxEdit.execute(model, npi, target, base="source", guidance=4.0, prox="hard", quantile=0.7,
                                 fixed_threshold=0.0, dilation=1, inversion_guidance=0.0, reconstruction_guidance=0.0,
                                 t_rec=400, source_null_mix=0.0, skip_steps=0, attention_control=control)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_masactrl_shares_the_source_image_tokens_in_the_joint_attention(pack, glue, family, request, monkeypatch):
+    """MasaCtrl on a joint-attention transformer: every block from the start layer on hands the
+    controller its joint attention with the image tokens where the model put them (after the 12
+    prompt tokens, 16 image tokens for an 8x8 latent; Flux's single blocks too); the edit changes
+    with it; never active, it is the plain edit exactly; over exact (DDPM) inversion with the source
+    prompt as target it keeps the reconstruction; the shared MODEL is unchanged (weights, options)."""
+    ac = importlib.import_module(pack.__name__ + ".core.attention_control")
+    ed = importlib.import_module(pack.__name__ + ".nodes.editing")
+    fixture = request.getfixturevalue(family)
+    model, pos, tar = fixture[0], fixture[1], fixture[-1]
+    n = _nodes(pack)
+    seen = []
+    joint = ac.joint_mutual_attention
+
+    def recording(q, k_own, v_own, k_src, v_src, image, token_dim, strategy, attention):
+        seen.append((image.start, image.stop, k_own.shape[token_dim], tuple(k_src.shape) == tuple(
+            k_own.narrow(token_dim, image.start, image.stop - image.start).shape)))
+        return joint(q, k_own, v_own, k_src, v_src, image, token_dim, strategy, attention)
+
+    monkeypatch.setattr(ac, "joint_mutual_attention", recording)
+    blocks = glue.attention_layers(model)
+    assert blocks == ([("double_block", 0), ("double_block", 1)] if family == "sd3"
+                      else [("double_block", 0), ("single_block", 0)])
+    before, options = _weights(model), __import__("copy").deepcopy(model.model_options)
+    args = dict(base="source", guidance=3.0, prox="hard", fixed_threshold=0.0, dilation=1, inversion_guidance=0.0,
+                reconstruction_guidance=0.0, t_rec=400, source_null_mix=0.0, skip_steps=0)
+    x = _lat(22)
+    with torch.inference_mode():
+        res = n.DDPMInversion.execute(model, pos, 8, 1.0, "auto", 3, latent=x).args[0]
+
+        def edit(target, quantile, start_step, start_layer=1):
+            control = ed.MasaCtrl.execute(start_step, start_layer, "source", "none").args[0]
+            return ed.ProxEdit.execute(model, res, target, quantile=quantile, attention_control=control,
+                                       **args).args[0]["samples"]
+
+        plain = ed.ProxEdit.execute(model, res, tar, quantile=0.6, **args).args[0]["samples"]
+        never = edit(tar, 0.6, 100)
+        assert seen == []
+        shared = edit(tar, 0.6, 2)
+        kept = edit(pos, 1.0, 0, 0)
+    assert torch.equal(never, plain)
+    assert _rel(shared, plain) > 1e-3, _rel(shared, plain)
+    assert _rel(kept, x["samples"]) < 1e-4, _rel(kept, x["samples"])
+    # start layer 1: one block per edited target call; its image tokens after the 12 prompt tokens
+    assert seen and all(s == (12, 28, 28, True) for s in seen), seen[:4]
+    assert not [k for k, v in _weights(model).items() if not torch.equal(before[k], v)]
+    assert model.model_options == options
 
 
 # ---------------------------------------------------------------------------------------------
