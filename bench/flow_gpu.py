@@ -14,7 +14,7 @@ prompt of 256 T5 tokens (what ComfyUI's Flux text encoder gives a short prompt):
 
 Random weights make no image; every cost (shapes, kernels, memory) is the real model's.
 
-Usage (ComfyUI importable: COMFYUI_PATH=... ; a CUDA GPU with 40 GB or more):
+Usage (ComfyUI importable: COMFYUI_PATH=... ; a CUDA GPU: the bf16 weights alone are 24 GB):
     python bench/flow_gpu.py [--size 1024] [--steps 28]
     python bench/flow_gpu.py --quick   # 2 + 2 blocks at 256 px: a smoke test, runs on a CPU too
 """
