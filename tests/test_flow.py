@@ -298,8 +298,9 @@ def test_masactrl_shares_the_source_image_tokens_in_the_joint_attention(pack, gl
     """MasaCtrl on a joint-attention transformer: every block from the start layer on hands the
     controller its joint attention with the image tokens where the model put them (after the 12
     prompt tokens, 16 image tokens for an 8x8 latent; Flux's single blocks too); the edit changes
-    with it; never active, it is the plain edit exactly; over exact (DDPM) inversion with the source
-    prompt as target it keeps the reconstruction; the shared MODEL is unchanged (weights, options)."""
+    with it (and the ProxEdit GUIDER in SamplerCustomAdvanced gives the node's edit); never active, it
+    is the plain edit exactly; over exact (DDPM) inversion with the source prompt as target it keeps
+    the reconstruction; the shared MODEL is unchanged (weights, options)."""
     ac = importlib.import_module(pack.__name__ + ".core.attention_control")
     ed = importlib.import_module(pack.__name__ + ".nodes.editing")
     fixture = request.getfixturevalue(family)
@@ -334,8 +335,15 @@ def test_masactrl_shares_the_source_image_tokens_in_the_joint_attention(pack, gl
         assert seen == []
         shared = edit(tar, 0.6, 2)
         kept = edit(pos, 1.0, 0, 0)
+        control = ed.MasaCtrl.execute(2, 1, "source", "none").args[0]
+        guider = ed.ProxEditGuider.execute(model, res, tar, quantile=0.6, attention_control=control,
+                                           **{k: v for k, v in args.items() if k != "skip_steps"}).args[0]
+    import test_comfy_integration as sd15
+
+    via_guider = sd15._guider_sample(pack, (model, None, None, pos, None), guider, res)
     assert torch.equal(never, plain)
     assert _rel(shared, plain) > 1e-3, _rel(shared, plain)
+    assert _rel(via_guider, shared) < 1e-4, _rel(via_guider, shared)
     assert _rel(kept, x["samples"]) < 1e-4, _rel(kept, x["samples"])
     # start layer 1: one block per edited target call; its image tokens after the 12 prompt tokens
     assert seen and all(s == (12, 28, 28, True) for s in seen), seen[:4]
