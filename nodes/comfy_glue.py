@@ -766,11 +766,14 @@ def dit_blocks(model) -> list[tuple[str, int]] | None:
     """A joint-attention transformer's blocks in forward order as ComfyUI's "dit" patch keys: Flux's
     ("double_block", i) then ("single_block", i), MM-DiT's (SD3) ("double_block", i); None for
     other models."""
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
     dm = getattr(model.model, "diffusion_model", None)
-    if hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"):  # Flux
+    if isinstance(dm, Flux):
         return ([("double_block", i) for i in range(len(dm.double_blocks))]
                 + [("single_block", i) for i in range(len(dm.single_blocks))])
-    if hasattr(dm, "joint_blocks"):  # MM-DiT
+    if isinstance(dm, MMDiT):
         return [("double_block", i) for i in range(len(dm.joint_blocks))]
     return None
 
