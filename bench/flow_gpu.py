@@ -1,4 +1,4 @@
-"""What the Flux workflows (22-24) cost at their default size, on a GPU.
+"""What the Flux workflows (22-25) cost at their default size, on a GPU.
 
 A random-weight Flux dev -- ComfyUI's own Flux class at Flux dev's real shape: 19 double and 38
 single blocks, hidden size 3072, 24 heads, guidance embedding; 11.9B parameters -- in bfloat16 on

@@ -124,6 +124,11 @@ MANIFEST = [
      "Flux dev: exact inversion, then ProxEdit towards the target prompt with the source prompt's prediction as the "
      "base (no negative branch); quantile 1 gives back the photo.",
      "the photo, source and target prompts, guidance (the edit strength, 2-4), quantile"),
+    ("flux_proxmasactrl_pose", "Flux - ProxMasaCtrl pose change",
+     "Flux dev: exact inversion, then ProxEdit with MasaCtrl: from step 3 on, in the later half of Flux's blocks, "
+     "the edited image keeps its own prompt tokens and reads the source image's keys and values, so the pose can "
+     "change while the subject's appearance stays.",
+     "the photo, the target prompt (the new pose), MasaCtrl's start step and block"),
     ("flux_restore_sr_x4_stsl", "Flux - restore super-resolution x4 (STSL)",
      "Posterior-sampling super-resolution with STSL on Flux dev. Degrade Image makes the low-resolution test input.",
      "the photo; to restore your own low-resolution image, feed it to Restore's measurement instead"),
