@@ -258,24 +258,25 @@ class Cond:
 
 
 @dataclass(frozen=True)
-class NullLayout:
-    """How a null-text variable packs a cross-attention embedding [B, L, D] and, where the model
-    has one, a pooled vector [B, P] (P <= D) into one tensor [B, L + 1, D] (the pooled vector
-    zero-padded as an extra row), so that core/'s optimiser sees one tensor."""
+class PromptLayout:
+    """How a tuned prompt variable (null-text inversion's null embedding, P2L's prompt) packs a
+    cross-attention embedding [B, L, D] and, where the model has one, a pooled vector [B, P]
+    (P <= D) into one tensor [B, L + 1, D] (the pooled vector zero-padded as an extra row), so that
+    core/'s optimiser sees one tensor."""
 
     tokens: int
     pooled: int = 0
 
     @staticmethod
-    def pack(context: Tensor, pooled: Optional[Tensor]) -> tuple[Tensor, "NullLayout"]:
+    def pack(context: Tensor, pooled: Optional[Tensor]) -> tuple[Tensor, "PromptLayout"]:
         if pooled is None:
-            return context, NullLayout(context.shape[1])
+            return context, PromptLayout(context.shape[1])
         B, L, D = context.shape
         if pooled.shape[-1] > D:
-            return context, NullLayout(L)
+            return context, PromptLayout(L)
         row = torch.zeros(B, 1, D, dtype=context.dtype, device=context.device)
         row[:, 0, :pooled.shape[-1]] = pooled.to(context).expand(B, -1)
-        return torch.cat([context, row], 1), NullLayout(L, pooled.shape[-1])
+        return torch.cat([context, row], 1), PromptLayout(L, pooled.shape[-1])
 
     def cond(self, name: str, packed: Tensor) -> "Cond":
         packed = packed.to(torch.float32)

@@ -301,7 +301,7 @@ class NullTextInversion(io.ComfyNode):
             null = null.expand(B, *null.shape[1:]).clone() if null.shape[0] == 1 else null.clone()
             # where the model reads a pooled vector (SDXL, SD3, Flux) it carries the negative prompt
             # to every block: optimise it with the token embedding
-            null, layout = glue.NullLayout.pack(null, pred.pooled("negative"))
+            null, layout = glue.PromptLayout.pack(null, pred.pooled("negative"))
             embs, losses = inv.null_text_optimize(
                 pred, pivot, src.grid, "positive", null, lambda e: layout.cond("negative", e), guidance,
                 inner_steps=inner_steps, lr=learning_rate, tol=tolerance, callback=second,

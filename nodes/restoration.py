@@ -179,7 +179,8 @@ class Restore(io.ComfyNode):
                                        "but it amplifies the noise of a long motion blur ~3x); gaussian = Gaussian noise "
                                        "(the authors' advice for free-form inpainting)."),
                 io.Int.Input("p2l_prompt_steps", default=1, min=0, max=20,
-                             tooltip="P2L: Adam steps on the text embedding per sampling step (1-5)."),
+                             tooltip="P2L: Adam steps on the text embedding (and the pooled vector on SDXL, SD3, "
+                                     "Flux) per sampling step (1-5)."),
                 io.Float.Input("p2l_prompt_lr", default=1e-3, min=1e-6, max=1.0, step=1e-5,
                                tooltip="P2L: learning rate of the prompt tuning (1e-4 .. 1e-3)."),
                 io.Int.Input("p2l_project_every", default=4, min=0, max=100,
@@ -268,14 +269,20 @@ class Restore(io.ComfyNode):
                                       start="back_projection" if stsl_start == "back_projection" else "adjoint")
                 extra = {"nfe_as_the_paper_counts": nfe}
             else:
-                emb = pred.embedding("positive").float()
+                # where the model reads a pooled vector in every block (SDXL, SD3, Flux) it is tuned too
+                emb, layout = glue.PromptLayout.pack(pred.embedding("positive").float(), pred.pooled("positive"))
                 z, res, tuned, losses = rs.p2l(pred, codec.decode, codec.encode, operator, yy, grid,
-                                               lambda C: glue.Cond("positive", context=C), emb, z0, rho=step_size,
+                                               lambda C: layout.cond("positive", C), emb, z0, rho=step_size,
                                                eta=stochasticity, prompt_steps=p2l_prompt_steps,
                                                prompt_lr=p2l_prompt_lr, project_every=p2l_project_every,
                                                cg_iters=p2l_cg_iters, cg_lambda=p2l_cg_lambda, generator=gen,
                                                callback=progress, grad_context=grad_context)
-                extra = {"embedding_change": float((tuned - emb.to(tuned)).norm() / emb.norm().clamp_min(1e-12)),
+                def change(a, b):
+                    return float((a - b.to(a)).norm() / b.norm().clamp_min(1e-12))
+
+                T = layout.tokens
+                extra = {"embedding_change": change(tuned[:, :T], emb[:, :T]),
+                         "pooled_change": change(tuned[:, T], emb[:, T]) if layout.pooled else None,
                          "prompt_loss_first_step": losses[:2]}
             with torch.no_grad():
                 x_hat = to_signed(codec.decode_output(z)).to(yy.device)

@@ -258,7 +258,7 @@ def test_proxedit_at_maximum_threshold_is_the_reconstruction_on_sd3(pack, sd3):
 
 def test_null_text_with_the_pooled_vector_beats_euler_inversion_at_cfg_on_sd3(pack, glue, sd3):
     """SD3 feeds the pooled vector to every block: null-text optimises it with the token embedding
-    (packed by glue.NullLayout), and its reconstruction at CFG 4 then beats Euler inversion's."""
+    (packed by glue.PromptLayout), and its reconstruction at CFG 4 then beats Euler inversion's."""
     model, pos, neg, _ = sd3
     n = _nodes(pack)
     x = _lat(6)
@@ -436,13 +436,15 @@ def test_decoder_inversion_with_a_16_channel_vae(pack, vae16, method, step):
     assert curve[-1] < curve[0], curve
 
 
-def _restore_residuals(pack, model, pos, vae, kind, methods, seed):
-    """Restore a degraded random image with each (method, step size); the measurement residuals."""
+def _restore_residuals(pack, model, pos, vae, kind, methods, seed, reports=None):
+    """Restore a degraded random image with each (method, step size); the measurement residuals
+    (and, given a dict, the reports)."""
     import json
 
     r = importlib.import_module(pack.__name__ + ".nodes.restoration")
     clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
     out = {}
+    reports = {} if reports is None else reports
     with torch.inference_mode():
         op = r.DegradationOperator.execute(kind, 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
         y = r.DegradeImage.execute(clean, op, 0).args[0]
@@ -453,15 +455,21 @@ def _restore_residuals(pack, model, pos, vae, kind, methods, seed):
             assert img.shape == clean.shape and lat["samples"].shape == (1, 16, 8, 8)
             assert math.isfinite(rep["residual"])
             out[(method, step)] = rep["residual"]
+            reports[(method, step)] = rep
     return out
 
 
 def test_restoration_on_sd3_lowers_the_measurement_residual(pack, sd3, vae16):
+    """Every method below the unguided residual; P2L tunes the prompt's tokens and its pooled vector."""
     model, pos, _, _ = sd3
+    reports = {}
     out = _restore_residuals(pack, model, pos, vae16, "sr_avgpool",
-                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 4)
+                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 4, reports)
     unguided = out.pop(("ldps", 0.0))
     assert all(residual < unguided for residual in out.values()), (out, unguided)
+    p2l = reports[("p2l", 3.0)]
+    assert p2l["embedding_change"] > 0 and p2l["pooled_change"] > 0, p2l
+    assert p2l["prompt_loss_first_step"][1] < p2l["prompt_loss_first_step"][0], p2l
 
 
 def test_the_inversion_sampler_on_sd3_is_the_inversion_node(pack, sd3):
@@ -501,10 +509,13 @@ def test_the_proxedit_guider_reproduces_the_node_on_sd3(pack, sd3):
 
 def test_restoration_on_flux_lowers_the_measurement_residual(pack, flux, vae16):
     model, pos, _ = flux
+    reports = {}
     out = _restore_residuals(pack, model, pos, vae16, "gaussian_blur",
-                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 5)
+                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 5, reports)
     unguided = out.pop(("ldps", 0.0))
     assert all(residual < unguided for residual in out.values()), (out, unguided)
+    p2l = reports[("p2l", 3.0)]
+    assert p2l["embedding_change"] > 0 and p2l["pooled_change"] > 0, p2l
 
 
 def test_gradients_through_flux_match_finite_differences(pack, glue, flux):
