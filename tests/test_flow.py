@@ -1,9 +1,12 @@
 """Flow-matching models (issue 13): the coordinate mapping of nodes/comfy_glue.py, derived and
 checked against ComfyUI's own model_sampling for SD3 (discrete flow, shift 3) and Flux (its
 resolution-dependent shift), then a tiny random-weight SD3 (ComfyUI's SD3 class: an MMDiT of depth 2)
-through the real glue and nodes: Euler inversion and its reconstruction, ComfyUI's ``euler`` on our
-sigmas reproducing our sampler, exact DDPM reconstruction, the exact solvers, ProxEdit at quantile 1,
-and the shared MODEL unchanged.
+and a tiny Flux (1 double + 1 single block, guidance embedding) through the real glue and nodes:
+Euler inversion and its reconstruction, ComfyUI's ``euler`` on our sigmas reproducing our sampler,
+exact DDPM reconstruction, every exact solver, ProxEdit at quantile 1 and its GUIDER, null-text with
+the pooled vector, MasaCtrl on the joint attention (prompt-to-prompt refused), decoder inversion with
+a 16-channel VAE, the four restoration methods, the shared MODEL unchanged; and the flow example
+workflows (Flux dev, SD3.5) on the tiny models the test loader (tests/host_nodes) returns.
 
 The mapping. A flow latent x = (1 - s) x0 + s eps, divided by (1 - s), is x0 + sigma eps with
 sigma = s / (1 - s): a DDPM latent z = sqrt(abar) x0 + sqrt(1 - abar) eps with abar = 1 / (1 + sigma^2)
