@@ -439,39 +439,37 @@ def test_decoder_inversion_with_a_16_channel_vae(pack, vae16, method, step):
     assert curve[-1] < curve[0], curve
 
 
-def _restore_residuals(pack, model, pos, vae, kind, methods, seed, reports=None):
-    """Restore a degraded random image with each (method, step size); the measurement residuals
-    (and, given a dict, the reports)."""
+def _restoration_beats_unguided(pack, model, pos, vae, kind, seed) -> dict:
+    """Restore a degraded random image unguided (LDPS at step 0) and with LDPS, PSLD, STSL and P2L:
+    every guided method ends below the unguided measurement residual, and P2L tunes the prompt's
+    tokens and its pooled vector. Returns P2L's report."""
     import json
 
     r = importlib.import_module(pack.__name__ + ".nodes.restoration")
     clean = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
-    out = {}
-    reports = {} if reports is None else reports
+    reports = {}
     with torch.inference_mode():
         op = r.DegradationOperator.execute(kind, 4, 9, 3.0, 0.5, 0.4, 0.05, 1).args[0]
         y = r.DegradeImage.execute(clean, op, 0).args[0]
-        for method, step in methods:
+        for method, step in (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)):
             img, lat, rep = r.Restore.execute(model, vae, pos, y, op, method, 4, 0, step, 0.1, 0.0, 2, 1.0, 0.02,
                                               0.05, "measurement", 1, 1e-2, 0, 10, 0.01, "tiled", 40).args
             rep = json.loads(rep)
             assert img.shape == clean.shape and lat["samples"].shape == (1, 16, 8, 8)
             assert math.isfinite(rep["residual"])
-            out[(method, step)] = rep["residual"]
             reports[(method, step)] = rep
-    return out
+    out = {k: rep["residual"] for k, rep in reports.items()}
+    unguided = out.pop(("ldps", 0.0))
+    assert all(residual < unguided for residual in out.values()), (out, unguided)
+    p2l = reports[("p2l", 3.0)]
+    assert p2l["embedding_change"] > 0 and p2l["pooled_change"] > 0, p2l
+    return p2l
 
 
 def test_restoration_on_sd3_lowers_the_measurement_residual(pack, sd3, vae16):
     """Every method below the unguided residual; P2L tunes the prompt's tokens and its pooled vector."""
     model, pos, _, _ = sd3
-    reports = {}
-    out = _restore_residuals(pack, model, pos, vae16, "sr_avgpool",
-                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 4, reports)
-    unguided = out.pop(("ldps", 0.0))
-    assert all(residual < unguided for residual in out.values()), (out, unguided)
-    p2l = reports[("p2l", 3.0)]
-    assert p2l["embedding_change"] > 0 and p2l["pooled_change"] > 0, p2l
+    p2l = _restoration_beats_unguided(pack, model, pos, vae16, "sr_avgpool", 4)
     assert p2l["prompt_loss_first_step"][1] < p2l["prompt_loss_first_step"][0], p2l
 
 
@@ -512,13 +510,7 @@ def test_the_proxedit_guider_reproduces_the_node_on_sd3(pack, sd3):
 
 def test_restoration_on_flux_lowers_the_measurement_residual(pack, flux, vae16):
     model, pos, _ = flux
-    reports = {}
-    out = _restore_residuals(pack, model, pos, vae16, "gaussian_blur",
-                             (("ldps", 0.0), ("ldps", 3.0), ("psld", 3.0), ("stsl", 1.0), ("p2l", 3.0)), 5, reports)
-    unguided = out.pop(("ldps", 0.0))
-    assert all(residual < unguided for residual in out.values()), (out, unguided)
-    p2l = reports[("p2l", 3.0)]
-    assert p2l["embedding_change"] > 0 and p2l["pooled_change"] > 0, p2l
+    _restoration_beats_unguided(pack, model, pos, vae16, "gaussian_blur", 5)
 
 
 def test_gradients_through_flux_match_finite_differences(pack, glue, flux):
