@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import provision  # noqa: E402
+import ui_workflows  # noqa: E402  (the example workflows' checkpoints)
 
 REQUIRE_HOST = os.environ.get("COMFYUI_INVERSE_REQUIRE_HOST") == "1"
 try:
@@ -35,7 +36,7 @@ CACHE_DIR = provision.cache_dir()
 TINY_CKPT_NAME = "inverse_tiny_sd15_v1.safetensors"
 # the flow-model example workflows' checkpoints, and the test node that stands in for Load Checkpoint
 # with them (tests/host_nodes: a tiny model of the family, its real text-encoder classes, a 16-channel VAE)
-FLOW_CHECKPOINTS = {"flux1-dev-fp8.safetensors": "flux", "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3"}
+FLOW_CHECKPOINTS = {ui_workflows.FLUX["name"]: "flux", ui_workflows.SD35["name"]: "sd3"}
 TINY_FLOW_LOADER = "TestTinyFlowCheckpoint"
 HOST_NODES = ROOT / "tests" / "host_nodes"
 
@@ -149,10 +150,7 @@ def workflow_family(name: str) -> str:
     import json
 
     prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
-    names = {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"}
-    families = {FLOW_CHECKPOINTS.get(n, "sd") for n in names}
-    assert len(families) == 1, f"{name}: loaders of several families {names}"
-    return families.pop()
+    return FLOW_CHECKPOINTS.get(ui_workflows.checkpoint_of(prompt), "sd")
 
 
 def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
