@@ -247,13 +247,11 @@ def flow_bench(quick: bool) -> dict:
     the tiny random-weight SD3 (CFG 1 and 3.5) and Flux (distilled guidance 3.5 in the conditioning)
     through the real ComfyUI glue. Goal (flow issue): an exact solver at <= 3 calls per step within
     Euler inversion's error / 100."""
-    from comfyui_inverse.core.flow import FlowPredictor, gaussian_flow_denoiser
+    from comfyui_inverse.core.flow import FlowPredictor, discrete_flow_sigmas, gaussian_flow_denoiser
 
     steps = 28
     res = {}
-    u = torch.arange(1, 1001, dtype=torch.float64) / 1000
-    s = 3.0 * u / (1 + 2.0 * u)
-    sig = (s / (1 - s))[s <= 0.99]
+    sig = discrete_flow_sigmas()
     g = torch.Generator().manual_seed(0)
     mean = {"c": torch.randn(4, 16, 16, generator=g, dtype=torch.float64) * 0.5,
             "u": torch.zeros(4, 16, 16, dtype=torch.float64)}

@@ -423,12 +423,10 @@ def protocol_l(quick: bool) -> dict:
     Then the Restore node's plumbing on the tiny random-weight SD3 and Flux with a 16-channel VAE
     (x4 SR of a 64 px photo): consistency, UNet calls, seconds (random weights: no image quality)."""
     ops, rs, schedule, GMD, MP = _pack()
-    from comfyui_inverse.core.flow import FlowPredictor, gaussian_flow_denoiser
+    from comfyui_inverse.core.flow import FlowPredictor, discrete_flow_sigmas, gaussian_flow_denoiser
 
     steps, seeds, g, shape, mean, s, sy, x_true, grid_ddpm, ddpm_model = gaussian_problem(quick)
-    u = torch.arange(1, 1001, dtype=torch.float64) / 1000
-    t = 3.0 * u / (1 + 2.0 * u)
-    sig = (t / (1 - t))[t <= 0.99]
+    sig = discrete_flow_sigmas()
     flow_model = FlowPredictor(gaussian_flow_denoiser(mean, s), sig)
     flow_model.evaluations = 0
     grid_flow = schedule.TimestepGrid.from_schedule(schedule.alphas_cumprod_from_sigmas(sig),

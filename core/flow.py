@@ -71,6 +71,16 @@ class FlowPredictor:
         return torch.stack([self.coords.eps(x, self.denoise(x, s, c), sigma) for c in conds])
 
 
+def discrete_flow_sigmas(shift: float = 3.0, T: int = 1000, max_s: float = 0.99) -> Tensor:
+    """SD3's discrete-flow levels (ComfyUI's ModelSamplingDiscreteFlow: s = shift u / (1 + (shift - 1) u),
+    u = t / T for t = 1..T) up to s <= ``max_s`` (as the glue caps them), as DDPM sigmas s / (1 - s),
+    float64: the schedule of the analytic flow references."""
+    u = torch.arange(1, T + 1, dtype=torch.float64) / T
+    s = shift * u / (1 + (shift - 1) * u)
+    s = s[s <= max_s]
+    return s / (1 - s)
+
+
 def gaussian_flow_denoiser(mean: Tensor, std: float):
     """The exact Tweedie denoiser of the flow x = (1 - s) x0 + s eps with x0 ~ N(mean, std^2 I),
     derived in flow coordinates: E[x0 | x] = mean + std^2 (1 - s) (x - (1 - s) mean) /

@@ -7,24 +7,15 @@ import pytest
 import torch
 
 from comfyui_inverse.core import ddim, inversion, operators as ops, restoration as rs, schedule
-from comfyui_inverse.core.flow import Coords, FlowPredictor, gaussian_flow_denoiser
+from comfyui_inverse.core.flow import Coords, FlowPredictor, discrete_flow_sigmas, gaussian_flow_denoiser
 from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
 
 SHAPE = (1, 4, 8, 8)
 
 
-def _sd3_sigmas(shift=3.0, T=1000):
-    """SD3's discrete-flow levels (ComfyUI's ModelSamplingDiscreteFlow: s = shift u / (1 + (shift - 1) u),
-    u = (t + 1) / T) as DDPM sigmas s / (1 - s), up to s <= 0.99 as the glue caps them."""
-    u = torch.arange(1, T + 1, dtype=torch.float64) / T
-    s = shift * u / (1 + (shift - 1) * u)
-    s = s[s <= 0.99]
-    return s / (1 - s)
-
-
 def _problem(seed=0):
     g = torch.Generator().manual_seed(seed)
-    sig = _sd3_sigmas()
+    sig = discrete_flow_sigmas()
     mean = {"c": torch.randn(SHAPE[1:], generator=g, dtype=torch.float64) * 0.5,
             "u": torch.zeros(SHAPE[1:], dtype=torch.float64)}
     pred = FlowPredictor(gaussian_flow_denoiser(mean, 0.7), sig)
