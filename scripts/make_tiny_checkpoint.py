@@ -23,8 +23,12 @@ def _import_comfy(comfy_path: str):
         sys.exit(f"make_tiny_checkpoint: no ComfyUI at {comfy_path}; pass --comfyui or set COMFYUI_PATH")
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import comfy_boot
     import torch
     import comfy.cli_args
+
+    comfy_boot.ensure_torchvision_importable()  # comfy.sd imports torchvision
 
     if not torch.cuda.is_available():  # ComfyUI's default device probe assumes CUDA
         comfy.cli_args.args.cpu = True

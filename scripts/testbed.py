@@ -1,0 +1,342 @@
+"""The trained testbed: a small SD1.5-format checkpoint trained on this project's own machines.
+
+Data: Fashion-MNIST (Zalando, MIT licence; Debian's ``dataset-fashion-mnist``), each 28x28 item
+upscaled to 48x48 and tinted with one of six named colours on a plain near-white background, so
+that every image has a prompt ``"a <colour> <class>"`` (10 classes x 6 colours). The official test
+split is never trained on; a fixed subset of it (``HELDOUT``, committed in tests/data) serves every
+measurement.
+
+Model: ComfyUI's own architectures, so that ComfyUI loads the file as an ordinary SD1.5 checkpoint:
+a TAESD-format VAE (``first_stage_model.taesd_*``, 4 latent channels, 8x down: 48 px -> 6x6
+latents), a single-level SD1.5-layout UNet (model_channels 320, context_dim 768) trained with the
+DDPM epsilon objective on SD1.5's schedule, and the seeded random full-size CLIP-L of
+scripts/make_tiny_checkpoint.py as the text encoder, rebuilt at assembly time (not stored).
+
+This module has no ComfyUI import at module level: tests and benches use its data and file helpers
+without a host; ``assemble`` needs ComfyUI importable (it rebuilds the CLIP through
+make_tiny_checkpoint).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "tests" / "data"
+WEIGHTS = DATA_DIR / "testbed_weights.safetensors"  # UNet + VAE (+ classifier), fp16, committed
+HELDOUT = DATA_DIR / "testbed_heldout.safetensors"  # held-out test-split items, uint8, committed
+CKPT_NAME = "inverse_testbed_sd15_v1.safetensors"
+FMNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+SIZE = 48  # pixels; latents are SIZE/8 = 6
+CLASSES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+           "ankle boot")
+COLOURS = {  # name -> RGB in [0, 255]; hues 0, 28, 50, 130, 225, 280 degrees
+    "red": (210, 40, 40),
+    "orange": (240, 130, 20),
+    "yellow": (225, 195, 20),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 210),
+    "purple": (140, 50, 180),
+}
+COLOUR_NAMES = tuple(COLOURS)
+BACKGROUND = (245, 245, 242)
+HELDOUT_COUNT = 128
+DATA_SEED = {"train": 1, "test": 2}
+CLIP_SEED = 0  # make_tiny_checkpoint.build_state_dict(CLIP_SEED)'s cond_stage_model.* is the text encoder
+
+
+def prompt(cls: int, colour: int) -> str:
+    return f"a {COLOUR_NAMES[colour]} {CLASSES[cls]}"
+
+
+def all_prompts() -> list[str]:
+    """Index p = cls * len(COLOURS) + colour; the empty prompt (CFG's unconditional) is last."""
+    return [prompt(c, k) for c in range(len(CLASSES)) for k in range(len(COLOURS))] + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic, n = struct.unpack(">II", data[:8])
+    if magic == 2051:
+        rows, cols = struct.unpack(">II", data[8:16])
+        return np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
+    return np.frombuffer(data, np.uint8, offset=8)
+
+
+def load_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(items uint8 N x 28 x 28, class labels, colour labels) of Fashion-MNIST's official split;
+    each item's colour is drawn once from a fixed seed per split."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    img_path = FMNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    if not img_path.is_file():
+        raise FileNotFoundError(f"Fashion-MNIST is not at {FMNIST_DIR}: `apt-get install dataset-fashion-mnist` "
+                                "(or set FASHION_MNIST_DIR)")
+    items = _read_idx(img_path)
+    labels = _read_idx(FMNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    colours = np.random.default_rng(DATA_SEED[split]).integers(0, len(COLOURS), len(labels))
+    return items, labels, colours
+
+
+def heldout_indices() -> np.ndarray:
+    """The fixed held-out subset of the official test split (sorted indices)."""
+    return np.sort(np.random.default_rng(1234).choice(10000, HELDOUT_COUNT, replace=False))
+
+
+def render(items, colours, size: int = SIZE):
+    """Items (N x 28 x 28 uint8) and colour indices -> images N x 3 x size x size in [0, 1]
+    (float32 torch): each item upscaled bilinearly, then g = item/255 blends the background
+    towards the named colour: image = (1 - g) background + g colour."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.as_tensor(np.asarray(items), dtype=torch.float32).unsqueeze(1) / 255.0
+    g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    palette = torch.tensor([COLOURS[n] for n in COLOUR_NAMES], dtype=torch.float32) / 255.0
+    col = palette[torch.as_tensor(np.asarray(colours), dtype=torch.long)][:, :, None, None]
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32)[None, :, None, None] / 255.0
+    return (1 - g) * bg + g * col
+
+
+def foreground_mask(images, threshold: float = 0.12):
+    """Where an image departs from the plain background (N x H x W bool): the item's silhouette."""
+    import torch
+
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32, device=images.device)[None, :, None, None] / 255.0
+    return (images - bg).abs().amax(dim=1) > threshold
+
+
+def measured_colour(images, threshold: float = 0.12):
+    """The nearest named colour to each image's mean foreground chroma (N longs), measured from the
+    pixels: per pixel the departure from the background, d = image - bg = g (colour - bg), averaged
+    over the silhouette and compared by angle with each colour's departure."""
+    import torch
+
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32, device=images.device)[None, :, None] / 255.0
+    palette = torch.tensor([COLOURS[n] for n in COLOUR_NAMES], dtype=torch.float32, device=images.device) / 255.0
+    dirs = torch.nn.functional.normalize(palette - bg[0, :, 0], dim=1)  # 6 x 3
+    mask = foreground_mask(images, threshold).flatten(1).float()  # N x HW
+    d = (images.flatten(2) - bg)  # N x 3 x HW
+    mean = (d * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True).clamp_min(1)
+    return (torch.nn.functional.normalize(mean, dim=1) @ dirs.T).argmax(dim=1)
+
+
+def load_heldout():
+    """(images N x 3 x 48 x 48 in [0, 1], class labels, colour labels, test-split indices) from the
+    committed held-out file: no dataset needed."""
+    import torch
+    from safetensors.torch import load_file
+
+    t = load_file(str(HELDOUT))
+    return render(t["items"].numpy(), t["colours"].numpy()), t["labels"].long(), t["colours"].long(), t["index"].long()
+
+
+def write_heldout() -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    items, labels, colours = load_split("test")
+    idx = heldout_indices()
+    save_file({"items": torch.from_numpy(items[idx].copy()), "labels": torch.from_numpy(labels[idx].copy()),
+               "colours": torch.from_numpy(colours[idx].copy()), "index": torch.from_numpy(idx.astype(np.int64))},
+              str(HELDOUT), metadata={"source": "Fashion-MNIST test split (Zalando Research, MIT licence), via "
+                                                "Debian's dataset-fashion-mnist; indices in 'index'"})
+
+
+# ---------------------------------------------------------------------------------------------
+# models (ComfyUI's architectures)
+
+UNET_CONFIG = dict(image_size=SIZE // 8, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                   channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+                   transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
+                   use_linear_in_transformer=False)
+LATENT_SCALE = 0.18215  # SD1.5's latent format: the model sees VAE latent * 0.18215
+
+
+def init_weights(module, zero=()):
+    """PyTorch's default initialisation for every layer (ComfyUI's ops skip it), and zeros for the
+    layers named in ``zero`` (as LDM's zero_module does for output projections)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    for name, m in module.named_modules():
+        for cls in (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm):
+            if isinstance(m, cls):
+                cls.reset_parameters(m)
+        if any(name.endswith(z) for z in zero):
+            with torch.no_grad():
+                for p in m.parameters(recurse=False):
+                    p.zero_()
+    return module
+
+
+def unet():
+    import torch
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    m = UNetModel(**UNET_CONFIG, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    return init_weights(m, zero=("out.2", "proj_out", "out_layers.3"))
+
+
+def taesd():
+    from comfy.taesd.taesd import TAESD
+
+    return init_weights(TAESD(latent_channels=4))
+
+
+class Classifier:
+    """A small CNN with two heads (class, colour) on 48x48 images in [0, 1]; pure torch."""
+
+    @staticmethod
+    def build():
+        from torch import nn
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+        return nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Dropout(0.2), nn.Linear(128, len(CLASSES) + len(COLOURS)))
+
+    @staticmethod
+    def predict(net, images):
+        """(class, colour) predictions for images N x 3 x 48 x 48 in [0, 1]."""
+        import torch
+
+        with torch.no_grad():
+            out = net(images.float())
+        return out[:, :len(CLASSES)].argmax(1), out[:, len(CLASSES):].argmax(1)
+
+
+def load_classifier():
+    from safetensors import safe_open
+
+    net = Classifier.build()
+    with safe_open(str(WEIGHTS), "pt") as f:
+        net.load_state_dict({k[len("classifier."):]: f.get_tensor(k) for k in f.keys() if k.startswith("classifier.")})
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint
+
+PARTS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+
+
+def part_hashes(sd: dict) -> dict:
+    """sha256 of each part of a checkpoint state dict (keys sorted, dtype, shape and bytes)."""
+    out = {}
+    for prefix in PARTS:
+        h = hashlib.sha256()
+        for k in sorted(k for k in sd if k.startswith(prefix)):
+            v = sd[k].contiguous()
+            h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+            h.update(v.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        out[prefix.rstrip(".")] = h.hexdigest()
+    return out
+
+
+def checkpoint_state_dict(weights: Path = WEIGHTS) -> dict:
+    """The full SD1.5-format state dict: the trained UNet and VAE from ``weights`` plus the seeded
+    random CLIP-L rebuilt as scripts/make_tiny_checkpoint.py builds it (needs ComfyUI importable)."""
+    import make_tiny_checkpoint
+    from safetensors.torch import load_file
+
+    trained = load_file(str(weights))
+    clip = {k: v for k, v in make_tiny_checkpoint.build_state_dict(CLIP_SEED).items()
+            if k.startswith("cond_stage_model.")}
+    sd = {k: v for k, v in trained.items() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    sd.update(clip)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def recorded_hashes(weights: Path = WEIGHTS) -> dict:
+    """What export recorded: sha256 of each part and of the whole assembled file ("checkpoint")."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata() or {}
+    return {k[len("sha256:"):]: v for k, v in meta.items() if k.startswith("sha256:")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(sd: dict, out: Path, weights_hash: str) -> None:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={"comfyui_inverse": "trained testbed SD1.5-format checkpoint "
+                                                         "(Fashion-MNIST, 48 px; scripts/train_testbed.py)",
+                                      "weights": weights_hash})
+    os.replace(tmp, out)
+
+
+def _weights_hash(weights: Path) -> str:
+    """Names the weights an assembled file came from (the part hashes; not the file's own hash)."""
+    parts = {k: v for k, v in recorded_hashes(weights).items() if k != "checkpoint"}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def assemble(out: Path, weights: Path = WEIGHTS) -> Path:
+    """Write the checkpoint ComfyUI loads (kept while the committed weights are unchanged). It must
+    be byte-identical on every machine: when it is not, the error names the part that differs."""
+    from safetensors import safe_open
+
+    out = Path(out)
+    wh = _weights_hash(weights)
+    if out.is_file():
+        with safe_open(str(out), "pt") as f:
+            if (f.metadata() or {}).get("weights") == wh:
+                return out
+    sd = checkpoint_state_dict(weights)
+    write_checkpoint(sd, out, wh)
+    want = recorded_hashes(weights)
+    if want.get("checkpoint") and file_sha256(out) != want["checkpoint"]:
+        got = part_hashes(sd)
+        bad = [p for p in got if want.get(p) != got[p]] or ["the file layout (safetensors' serialisation)"]
+        out.unlink()
+        raise RuntimeError(f"testbed checkpoint: {bad} differ(s) from what was trained and recorded in {weights.name}; "
+                           "cond_stage_model is the seeded random CLIP-L (this machine's torch generator makes "
+                           "other numbers), the others come from the committed weights file")
+    return out
+
+
+def main(argv=None) -> None:
+    """``python scripts/testbed.py OUT.safetensors [--comfyui PATH]``: assemble the checkpoint."""
+    import argparse
+
+    import make_tiny_checkpoint
+
+    ap = argparse.ArgumentParser(description="Assemble the trained testbed checkpoint (UNet + VAE + seeded CLIP-L)")
+    ap.add_argument("out")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "~/ComfyUI"))
+    args = ap.parse_args(argv)
+    make_tiny_checkpoint._import_comfy(args.comfyui)
+    path = assemble(Path(args.out))
+    print(f"testbed checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
