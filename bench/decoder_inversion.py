@@ -3,6 +3,7 @@ scikit-image's bundled colour photos.
 
     python bench/decoder_inversion.py           # 192x192, 2 photos, 20/50/100 iterations (~10 min on 2 CPU cores)
     python bench/decoder_inversion.py --quick   # under a minute: 80x80, 1 photo, 10/20/40 iterations
+    python bench/decoder_inversion.py --testbed 100   # the trained testbed's decoder, 100 held-out images
 
 Two protocols, as in the paper and beyond it:
   (a) known latent: x = D(z_gt) with z_gt = E(photo); NMSE ||z - z_gt||^2 / ||z_gt||^2 in dB;
@@ -44,10 +45,16 @@ def worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[spec["precision"]]
-    enc, dec = taef2.load(dtype)
+    if spec.get("model") == "testbed":
+        import testbed
+
+        enc, dec = taef2.load_testbed(dtype)
+        photo = testbed.load_heldout()[0][:spec["size"]]  # size = number of held-out 48 px images
+    else:
+        enc, dec = taef2.load(dtype)
+        photo = taef2.photo(spec["photo"], spec["size"])
     E = lambda x: enc(x.to(dtype)).float()  # noqa: E731
     D = lambda z: dec(z.to(dtype)).float()  # noqa: E731
-    photo = taef2.photo(spec["photo"], spec["size"])
     with torch.no_grad():
         z_gt = E(photo)
         x_known = D(z_gt).clamp(0, 1)
@@ -93,22 +100,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker")
+    ap.add_argument("--testbed", type=int, default=0, metavar="N",
+                    help="the trained testbed's TAESD-format decoder on N held-out 48 px images (one batch) "
+                         "instead of TAEF2 on photos")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     import taef2
 
-    if not taef2.available():
+    if not args.testbed and not taef2.available():
         sys.exit(f"TAEF2 weights not found at {taef2.ASSETS}")
     size, photos, checkpoints = (80, ["coffee"], [10, 20, 40]) if args.quick else \
         (192, ["astronaut", "coffee"], [20, 50, 100])
+    model = "taef2"
+    if args.testbed:
+        model, size, photos = "testbed", args.testbed, ["heldout"]
     runs = [(m, "fp32") for m in ["encoder", *METHODS]] + [("gradient_free_adam", "fp16"), ("gradient_based", "fp16")]
-    results = {"size": size, "photos": photos, "checkpoints": checkpoints, "runs": {}}
+    results = {"model": model, "size": size, "photos": photos, "checkpoints": checkpoints, "runs": {}}
     for protocol in ("known_latent", "real_photo"):
         for method, precision in runs:
             key = f"{protocol}/{method}/{precision}"
-            per_photo = [run_worker({"method": method, "precision": precision, "photo": ph, "size": size,
+            per_photo = [run_worker({"model": model, "method": method, "precision": precision, "photo": ph, "size": size,
                                      "protocol": protocol, "checkpoints": checkpoints}) for ph in photos]
             agg = {"seconds": round(sum(r["seconds"] for r in per_photo) / len(per_photo), 3),
                    "peak_mem_mb": round(max(r["peak_mem_mb"] for r in per_photo), 1), "at": {}}

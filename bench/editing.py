@@ -2,6 +2,7 @@
 
     python bench/editing.py            # 50 steps
     python bench/editing.py --quick    # 20 steps, under a minute
+    python bench/editing.py --testbed 100   # ProxEdit's claim on the trained testbed (100 held-out items)
 
 Prints, for a negative-prompt inversion edited toward another prompt:
 - UNet calls, batch elements and seconds of a ProxEdit run against a plain CFG sampling run of the
@@ -30,11 +31,64 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+# class swaps between similar shapes (Fashion-MNIST labels): sneaker <-> sandal, ankle boot -> sneaker,
+# t-shirt <-> shirt, pullover <-> coat
+CLASS_SWAPS = {7: 5, 5: 7, 9: 7, 0: 6, 6: 0, 2: 4, 4: 2}
+
+
+def testbed_protocol(count: int, steps: int, methods) -> dict:
+    """ProxEdit's claim on the trained testbed: for the first ``count`` held-out items, a colour swap
+    (colour + 3 of the six: red -> green, orange -> blue, ...) and, for the classes with a similar
+    shape, a class swap; per method: edit success (measured colour / the classifier's class),
+    structure kept (silhouette IoU with the source) and background kept (PSNR outside it)."""
+    import testbed as tb
+    from testbed_runs import Testbed, edit_measures
+
+    bed = Testbed()
+    items = list(range(count))
+    colour_new = [(int(bed.colours[i]) + 3) % len(tb.COLOURS) for i in items]
+    swap_items = [i for i in items if int(bed.labels[i]) in CLASS_SWAPS]
+    class_new = [CLASS_SWAPS[int(bed.labels[i])] for i in swap_items]
+    out = {"items": count, "steps": steps, "class_swaps": len(swap_items)}
+    for method in methods:
+        row = {}
+        for kind, idx, targets, want in (
+                ("colour", items, bed.prompts(items, colours=colour_new), {"want_colour": colour_new}),
+                ("class", swap_items, bed.prompts(swap_items, classes=class_new),
+                 {"want_class": class_new, "classifier": bed.classifier})):
+            if not idx:
+                continue
+            t0 = time.perf_counter()
+            edited, source = bed.edit(idx, targets, method, steps)
+            rows = edit_measures(edited, source, **want)
+            ok = "colour_ok" if kind == "colour" else "class_ok"
+            row[kind] = {"success": round(sum(r[ok] for r in rows) / len(rows), 3),
+                         "iou": round(sum(r["iou"] for r in rows) / len(rows), 3),
+                         "background_psnr": round(sum(r["background_psnr"] for r in rows) / len(rows), 2),
+                         "seconds": round(time.perf_counter() - t0, 1)}
+            print(f"testbed {method:14s} {kind:6s} swap ({len(idx):3d} items): success {row[kind]['success']:.3f}  "
+                  f"IoU {row[kind]['iou']:.3f}  background PSNR {row[kind]['background_psnr']:6.2f} dB  "
+                  f"{row[kind]['seconds']:7.1f} s", flush=True)
+        out[method] = row
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--testbed", type=int, default=0, metavar="N",
+                    help="only the trained testbed's protocol, on its first N held-out items (README: 100)")
+    ap.add_argument("--methods", default=",".join(("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")),
+                    help="testbed: the editing methods (tests/testbed_runs.py Testbed.edit)")
     args = ap.parse_args(argv)
     import comfy_host
+
+    if args.testbed:
+        if not comfy_host.HOST_FOUND:
+            sys.exit(comfy_host.MISSING_REASON)
+        res = testbed_protocol(args.testbed, 20 if args.quick else 50, args.methods.split(","))
+        print(json.dumps(res))
+        return
 
     if not comfy_host.HOST_FOUND:
         sys.exit(comfy_host.MISSING_REASON)

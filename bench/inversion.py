@@ -5,6 +5,7 @@ checkpoint) and through the analytic reference denoiser, at 50 and 4 steps, guid
     python bench/inversion.py --quick    # under a minute: 10 instead of 50 steps on the ComfyUI path
     python bench/inversion.py --memory   # RNRI's peak memory at 512 px on SD1.5's real-size UNet (3 min)
     python bench/inversion.py --flow     # flow models (SD3/Flux mapping): Euler vs exact solvers, 28 steps
+    python bench/inversion.py --testbed 100   # the trained testbed, 100 held-out images, each its own prompt
 
 For each backend, configuration and method it prints the reconstruction RMSE of z0 (invert, then
 sample back with the method's own sampling path at the same guidance), the per-step residual read
@@ -13,6 +14,7 @@ two ways (mean|z - f(z)| per element, and the per-image L1 sum ||z - f(z)||_1 th
 step, backward passes and seconds; the solvers' labels end in their calls per step. Per
 configuration: DDIM's error over the best solver's, and the fidelity issue's goals (Anderson at 3
 calls per step: DDIM / 100 at 50 steps, / 10 at 4 steps; at 4 calls and guidance 7.5: / 20).
+On the testbed each row also gives the decoded reconstruction's PSNR against the VAE round trip.
 The last line is one JSON object with every number. The ComfyUI backend needs a host (see
 tests/comfy_host.py; skipped with a message otherwise).
 """
@@ -133,7 +135,8 @@ def measure(backend, method, grid, guidance):
         rec, res, secs = run_method(method, counter, z0, grid, backend, guidance)
         # the residual both ways: mean|r| per element (what the tolerance reads) and the L1 sum ||r||_1
         # per image (RNRI eq. 6's "~1 for DDIM" reads as this sum)
-        return {"rmse": ddim.reconstruction_rmse(rec, z0), "residual": res,
+        extra = {"psnr": backend["psnr"](rec)} if "psnr" in backend else {}
+        return {**extra, "rmse": ddim.reconstruction_rmse(rec, z0), "residual": res,
                 "residual_l1": None if res is None else res * z0[0].numel(), "forward": counter.forward,
                 "backward": counter.backward, "calls_per_step": round(counter.forward / grid.steps, 2),
                 "seconds": round(secs, 3)}
@@ -145,23 +148,24 @@ GOALS = {(50, 1.0): ("anderson_3", 100), (4, 1.0): ("anderson_3", 10), (10, 1.0)
          (50, 7.5): ("anderson_4", 20)}
 
 
-def bench_backend(name, backend, configs):
+def bench_backend(name, backend, configs, methods=METHODS):
     rows = {}
     for steps, guidance in configs:
         grid = grid_for(backend["alphas_cumprod"], steps)
         key = f"{steps}steps_w{guidance:g}"
         rows[key] = {}
-        for method in METHODS:
+        for method in methods:
             r = measure(backend, method, grid, guidance)
             rows[key][method] = r
             res = "-" if r["residual"] is None else f"{r['residual']:.2e}"
             l1 = "-" if r["residual_l1"] is None else f"{r['residual_l1']:.2e}"
-            print(f"{name:9s} {key:14s} {method:20s} rmse {r['rmse']:.3e}  residual mean {res:>9s} L1 {l1:>9s}  "
+            psnr = f"  PSNR {r['psnr']:6.2f} dB" if "psnr" in r else ""
+            print(f"{name:9s} {key:14s} {method:20s}{psnr} rmse {r['rmse']:.3e}  residual mean {res:>9s} L1 {l1:>9s}  "
                   f"calls/step {r['calls_per_step']:5.2f}  bwd {r['backward']:5d}  {r['seconds']:7.2f} s", flush=True)
         base = rows[key]["ddim"]["rmse"]
         best = min((m for m in rows[key] if m in SOLVERS), key=lambda m: rows[key][m]["rmse"])
         line = f"{name:9s} {key:14s} DDIM / best ({best}) = {base / max(rows[key][best]['rmse'], 1e-30):.1f}x"
-        if (steps, guidance) in GOALS:
+        if (steps, guidance) in GOALS and GOALS[(steps, guidance)][0] in rows[key]:
             m, gain = GOALS[(steps, guidance)]
             got = base / max(rows[key][m]["rmse"], 1e-30)
             rows[key]["goal"] = {"method": m, "wanted": gain, "got": round(got, 2), "reached": got >= gain}
@@ -222,6 +226,57 @@ def comfy_backend():
         "make_uncond": lambda e: glue.Cond("u", context=e),
         "run": run,
     }
+
+
+def testbed_backend(count: int):
+    """The trained testbed (scripts/testbed.py) on its first ``count`` held-out images, each with its
+    own prompt "a <colour> <class>"; reconstructions are also decoded and read as PSNR against the
+    VAE round trip (the best a latent inversion can reach)."""
+    import comfy_host
+
+    if not comfy_host.HOST_FOUND:
+        print(f"[bench] {comfy_host.MISSING_REASON}; testbed skipped", flush=True)
+        return None
+    pack = comfy_host.start_inprocess()
+    import importlib
+    import testbed as tb
+
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    t = comfy_host.load_testbed()
+    model, vae = t["model"], t["vae"]
+    prompts = [tb.prompt(int(c), int(k)) for c, k in zip(t["labels"][:count], t["colours"][:count])]
+    pos = comfy_host.batched_cond(t["clip"], prompts)
+    neg = comfy_host.batched_cond(t["clip"], [""] * count)
+    with torch.inference_mode():
+        samples = vae.encode(t["images"][:count].permute(0, 2, 3, 1))
+        target = vae.decode(samples)
+    state = {}
+
+    def run(fn):
+        def inner(pred):
+            state["pred"] = pred
+            return fn(pred)
+        with torch.inference_mode():
+            return glue.run_with_predictor(model, {"c": pos, "u": neg}, samples.shape, inner)
+
+    def psnr(rec):
+        with torch.inference_mode():
+            img = vae.decode(state["pred"].process_latent_out(rec).cpu()).clamp(0, 1)
+        mse = (img.float() - target.float()).pow(2).flatten(1).mean(1)
+        return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
+
+    return {
+        "alphas_cumprod": glue.model_alphas_cumprod(model), "uncond": "u", "null_lr": 0.01,
+        "grad_context": lambda: state["pred"].autograd(),
+        "z0": lambda pred: pred.process_latent_in(samples.to(pred.device)),
+        "null_init": lambda: state["pred"].embedding("u").float().clone(),
+        "make_uncond": lambda e: glue.Cond("u", context=e),
+        "run": run, "psnr": psnr, "images": count,
+    }
+
+
+TESTBED_METHODS = ["ddim", "fixed_point_3", "anderson_3", "anderson_4", "newton_krylov_5", "rnri",
+                   "rnri_jacobian_free", "npi", "null_text", "ddpm"]
 
 
 FLOW_METHODS = ["ddim", "fixed_point_3", "anderson_3", "anderson_4", "newton_krylov_5", "ddpm"]
@@ -391,6 +446,8 @@ def main(argv=None):
                     help="only RNRI's memory: one gradient through SD1.5's real-size UNet at 512 px")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--flow", action="store_true", help="only the flow models (28 steps): Euler vs exact solvers")
+    ap.add_argument("--testbed", type=int, default=0, metavar="N",
+                    help="only the trained testbed, on its first N held-out images (the README's table: 100)")
     args = ap.parse_args(argv)
     if args.memory_worker:
         size, mode, path = args.memory_worker.split(":", 2)
@@ -407,6 +464,13 @@ def main(argv=None):
         print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
         return
     full = [(50, 1.0), (50, 7.5), (4, 1.0), (4, 7.5)]
+    if args.testbed:
+        backend = testbed_backend(args.testbed)
+        if backend is not None:
+            configs = [(10, 1.0), (10, 7.5), (4, 1.0), (4, 7.5)] if args.quick else full
+            out["testbed"] = bench_backend("testbed", backend, configs, TESTBED_METHODS)
+        print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+        return
     if args.backend in ("all", "reference"):
         ref = reference_backend()
         out["reference"] = bench_backend("reference", ref, full)

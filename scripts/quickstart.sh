@@ -3,9 +3,12 @@
 #   COMFYUI_PATH   your ComfyUI (default ~/ComfyUI; with neither, one is provisioned in the cache
 #                  folder from ../shared/hosts or a clone of the pinned release: scripts/provision.py)
 #   COMFYUI_PYTHON the Python that runs your ComfyUI (default: detected)
-#   CKPT           a checkpoint in its models/checkpoints, e.g. v1-5-pruned-emaonly.safetensors
-#                  (default: a generated tiny random-weight test model: it runs anywhere, makes noise)
-#   IMAGE          the photo to invert (default: the bundled example)
+#   CKPT           a checkpoint in its models/checkpoints, e.g. v1-5-pruned-emaonly.safetensors: runs
+#                  workflows/api/invert_and_reconstruct.json on IMAGE (default: the bundled photo).
+#                  Without CKPT: the small trained testbed checkpoint (scripts/testbed.py, from tests/data;
+#                  runs anywhere in a minute or two) inverts a held-out "red sneaker" and edits it to a
+#                  blue one (workflows/api/testbed_invert_and_edit.json)
+#   IMAGE          the image to invert
 #   OUT            where the images go (default ./out)
 set -euo pipefail
 pack=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,13 +30,14 @@ fi
 
 # 3. run the example workflow headless
 out=${OUT:-out}
-args=(workflows/api/invert_and_reconstruct.json --comfyui "$COMFYUI_PATH" --out "$out")
 if [ -n "${CKPT:-}" ]; then
-  args+=(--checkpoint "$CKPT")
+  args=(workflows/api/invert_and_reconstruct.json --checkpoint "$CKPT")
 else
-  echo "[quickstart] no CKPT given: using the tiny random-weight test checkpoint at 256x256"
-  args+=(--tiny-checkpoint --set 5.width=256 --set 5.height=256)
+  echo "[quickstart] no CKPT given: the trained testbed checkpoint (48 px Fashion-MNIST items) inverts a" \
+       "held-out red sneaker and edits it to blue"
+  args=(workflows/api/testbed_invert_and_edit.json --testbed)
 fi
+args+=(--comfyui "$COMFYUI_PATH" --out "$out")
 if [ -n "${IMAGE:-}" ]; then args+=(--image "$IMAGE"); fi
 "$COMFYUI_PYTHON" scripts/run_workflow.py "${args[@]}"
 echo "[quickstart] done: the images are in $(cd "$out" && pwd)"

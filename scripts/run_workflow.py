@@ -137,6 +137,19 @@ def tiny_checkpoint(comfy_dir: Path) -> Path:
     return path
 
 
+def testbed_checkpoint(comfy_dir: Path) -> Path:
+    """The trained testbed checkpoint (scripts/testbed.py), assembled into the same cache folder once
+    for the committed weights (again when they change)."""
+    import testbed
+
+    path = CACHE_DIR / "checkpoints" / testbed.CKPT_NAME
+    if not testbed.is_assembled(path):
+        log(f"assembling the trained testbed checkpoint in {path.parent} (once)")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "testbed.py"), str(path), "--comfyui", str(comfy_dir)],
+                       check=True)
+    return path
+
+
 def default_comfyui() -> str:
     """$COMFYUI_PATH, else the host scripts/provision.py finds without provisioning, else ~/ComfyUI."""
     if os.environ.get("COMFYUI_PATH"):
@@ -554,12 +567,15 @@ async def main_async(args) -> int:
     checkpoint = args.checkpoint
     extra_ckpt_dir = None
     n_local = args.local_servers if args.local_servers is not None else (0 if args.server else 1)
-    if args.tiny_checkpoint:
+    if args.tiny_checkpoint and args.testbed:
+        raise RunError("use either --tiny-checkpoint or --testbed, not both", 2)
+    if args.tiny_checkpoint or args.testbed:
+        flag = "--tiny-checkpoint" if args.tiny_checkpoint else "--testbed"
         if n_local == 0:
-            raise RunError("--tiny-checkpoint needs a locally started ComfyUI (leave out --server, or add "
+            raise RunError(f"{flag} needs a locally started ComfyUI (leave out --server, or add "
                            "--local-servers N)", 2)
-        extra_ckpt_dir = tiny_checkpoint(comfy_dir).parent
-        checkpoint = TINY_CKPT_NAME
+        made = (tiny_checkpoint if args.tiny_checkpoint else testbed_checkpoint)(comfy_dir)
+        extra_ckpt_dir, checkpoint = made.parent, made.name
     photos = collect_photos(args.photos) if args.photos else None
     if photos is not None and args.image:
         raise RunError("use either --image (one photo) or --photos (a batch), not both", 2)
@@ -640,9 +656,10 @@ async def run_photos(prompt: dict, photos: list[Path], urls: list[str], args) ->
 
 
 def serve(args) -> int:
-    """Start ComfyUI's UI with the pack loaded and the tiny checkpoint listed; wait for Ctrl-C."""
+    """Start ComfyUI's UI with the pack loaded and the testbed and tiny checkpoints listed; wait for Ctrl-C."""
     comfy_dir = Path(os.path.expanduser(args.comfyui)).resolve()
-    local = LocalComfy(comfy_dir, tiny_checkpoint(comfy_dir).parent, True if args.cpu else None, args.comfy_arg,
+    tiny_checkpoint(comfy_dir)
+    local = LocalComfy(comfy_dir, testbed_checkpoint(comfy_dir).parent, True if args.cpu else None, args.comfy_arg,
                        port=args.port, scratch=False)
     log(f"ComfyUI {provision.comfyui_version(comfy_dir)} from {comfy_dir} with ComfyUI-Inverse: open {local.url} "
         f"(Ctrl-C stops it)")
@@ -667,6 +684,9 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", nargs="+", metavar="PATH",
                     help="run the workflow once per photo: folders (their image files) and/or files")
     ap.add_argument("--checkpoint", help="set ckpt_name of every CheckpointLoaderSimple node")
+    ap.add_argument("--testbed", action="store_true",
+                    help="use the small trained testbed checkpoint (Fashion-MNIST items at 48 px; assembled once "
+                         "into the cache folder from tests/data): real pictures on any machine")
     ap.add_argument("--tiny-checkpoint", action="store_true",
                     help="use a generated random-weight SD1.5-format checkpoint (no download; output is noise)")
     ap.add_argument("--image", help="upload this image and use it in every LoadImage node")
@@ -680,7 +700,8 @@ def main(argv=None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=180, help="seconds ComfyUI may take to start")
     ap.add_argument("--keep-temp", action="store_true", help="keep the started servers' temp folders and logs")
     ap.add_argument("--serve", action="store_true",
-                    help="no workflow: start ComfyUI's UI with the pack and the tiny checkpoint, until Ctrl-C")
+                    help="no workflow: start ComfyUI's UI with the pack and the testbed and tiny checkpoints, "
+                         "until Ctrl-C")
     ap.add_argument("--port", type=int, default=8188, help="port for --serve (default 8188)")
     args = ap.parse_args(argv)
     try:

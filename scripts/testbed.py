@@ -25,8 +25,6 @@ import os
 import struct
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "tests" / "data"
 WEIGHTS = DATA_DIR / "testbed_weights.safetensors"  # UNet + VAE (+ classifier), fp16, committed
@@ -64,7 +62,9 @@ def all_prompts() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # data
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path):
+    import numpy as np
+
     with gzip.open(path, "rb") as f:
         data = f.read()
     magic, n = struct.unpack(">II", data[:8])
@@ -74,9 +74,11 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=8)
 
 
-def load_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_split(split: str):
     """(items uint8 N x 28 x 28, class labels, colour labels) of Fashion-MNIST's official split;
     each item's colour is drawn once from a fixed seed per split."""
+    import numpy as np
+
     prefix = {"train": "train", "test": "t10k"}[split]
     img_path = FMNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
     if not img_path.is_file():
@@ -88,8 +90,10 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return items, labels, colours
 
 
-def heldout_indices() -> np.ndarray:
+def heldout_indices():
     """The fixed held-out subset of the official test split (sorted indices)."""
+    import numpy as np
+
     return np.sort(np.random.default_rng(1234).choice(10000, HELDOUT_COUNT, replace=False))
 
 
@@ -97,13 +101,14 @@ def render(items, colours, size: int = SIZE):
     """Items (N x 28 x 28 uint8) and colour indices -> images N x 3 x size x size in [0, 1]
     (float32 torch): each item upscaled bilinearly, then g = item/255 blends the background
     towards the named colour: image = (1 - g) background + g colour."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
-    g = torch.as_tensor(np.asarray(items), dtype=torch.float32).unsqueeze(1) / 255.0
+    g = torch.as_tensor(np.array(items), dtype=torch.float32).unsqueeze(1) / 255.0
     g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     palette = torch.tensor([COLOURS[n] for n in COLOUR_NAMES], dtype=torch.float32) / 255.0
-    col = palette[torch.as_tensor(np.asarray(colours), dtype=torch.long)][:, :, None, None]
+    col = palette[torch.as_tensor(np.array(colours), dtype=torch.long)][:, :, None, None]
     bg = torch.tensor(BACKGROUND, dtype=torch.float32)[None, :, None, None] / 255.0
     return (1 - g) * bg + g * col
 
@@ -142,6 +147,7 @@ def load_heldout():
 
 
 def write_heldout() -> None:
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -262,13 +268,22 @@ def checkpoint_state_dict(weights: Path = WEIGHTS) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file, read from its JSON header (standard library only)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
 def recorded_hashes(weights: Path = WEIGHTS) -> dict:
     """What export recorded: sha256 of each part and of the whole assembled file ("checkpoint")."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), "pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(weights)
     return {k[len("sha256:"):]: v for k, v in meta.items() if k.startswith("sha256:")}
+
+
+def is_assembled(out: Path, weights: Path = WEIGHTS) -> bool:
+    """Whether ``out`` was assembled from the committed weights as they are now."""
+    return Path(out).is_file() and safetensors_metadata(out).get("comfyui_inverse_testbed") == _weights_hash(weights)
 
 
 def file_sha256(path: Path) -> str:
@@ -280,13 +295,13 @@ def file_sha256(path: Path) -> str:
 
 
 def write_checkpoint(sd: dict, out: Path, weights_hash: str) -> None:
+    """One metadata key only: safetensors writes several keys in a per-process random order, which
+    would change the file's bytes (and its sha256) from run to run."""
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"comfyui_inverse": "trained testbed SD1.5-format checkpoint "
-                                                         "(Fashion-MNIST, 48 px; scripts/train_testbed.py)",
-                                      "weights": weights_hash})
+    save_file(sd, str(tmp), metadata={"comfyui_inverse_testbed": weights_hash})
     os.replace(tmp, out)
 
 
@@ -299,16 +314,11 @@ def _weights_hash(weights: Path) -> str:
 def assemble(out: Path, weights: Path = WEIGHTS) -> Path:
     """Write the checkpoint ComfyUI loads (kept while the committed weights are unchanged). It must
     be byte-identical on every machine: when it is not, the error names the part that differs."""
-    from safetensors import safe_open
-
     out = Path(out)
-    wh = _weights_hash(weights)
-    if out.is_file():
-        with safe_open(str(out), "pt") as f:
-            if (f.metadata() or {}).get("weights") == wh:
-                return out
+    if is_assembled(out, weights):
+        return out
     sd = checkpoint_state_dict(weights)
-    write_checkpoint(sd, out, wh)
+    write_checkpoint(sd, out, _weights_hash(weights))
     want = recorded_hashes(weights)
     if want.get("checkpoint") and file_sha256(out) != want["checkpoint"]:
         got = part_hashes(sd)

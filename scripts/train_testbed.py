@@ -278,7 +278,9 @@ def stage_unet(state: Path, steps: int, batch: int = 64, lr: float = 3e-4) -> No
                 ema[k].mul_(d).add_(v, alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
         run_loss += loss.item()
         if step % 20 == 0 or step == steps:
-            log(f"unet step {step}/{steps} loss {run_loss / 20:.4f} ({(time.time() - t0) / (step - first):.2f} s/step)")
+            window = (step - 1) % 20 + 1
+            log(f"unet step {step}/{steps} loss {run_loss / window:.4f} "
+                f"({(time.time() - t0) / (step - first):.2f} s/step)")
             run_loss = 0.0
         if step % 100 == 0 or step == steps:
             _save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step}, path)
@@ -321,7 +323,60 @@ def stage_classifier(state: Path, steps: int = 400, batch: int = 128) -> None:
     _save({"model": net.state_dict(), "test_accuracy": acc}, path)
 
 
-def stage_export(state: Path, report: Path) -> dict:
+def stage_report(state: Path, seeds: int = 2) -> dict:
+    """The quality bars on held-out data, from the exported weights file (pure torch, the same
+    arithmetic ComfyUI does): the VAE round trip's PSNR on the 128 held-out images, and the
+    class-conditional samples (DDIM, 50 steps, CFG 5; every prompt x ``seeds``) read by the
+    classifier (item) and by the measured colour."""
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tb.WEIGHTS))
+    vae, unet = tb.taesd(), tb.unet()
+    vae.load_state_dict({k[len("first_stage_model."):]: v.float() for k, v in sd.items()
+                         if k.startswith("first_stage_model.")})
+    unet.load_state_dict({k[len("model.diffusion_model."):]: v.float() for k, v in sd.items()
+                          if k.startswith("model.diffusion_model.")})
+    vae.eval(), unet.eval()
+    net = tb.load_classifier()
+    images, labels, colours, _ = tb.load_heldout()
+    ctx = _load(state / "context.pt")["context"]
+    abar = ddpm_tables()
+    out = {}
+    with torch.no_grad():
+        round_trip = vae.decode(vae.encode(images * 2 - 1)).add(1).div(2).clamp(0, 1)
+        out["vae_psnr_db"] = round(float(psnr(round_trip, images).mean()), 2)
+        cls_ok, col_ok, clf_col_ok, n = 0, 0, 0, 0
+        for seed in range(seeds):
+            pairs = [(c, k) for c in range(len(tb.CLASSES)) for k in range(len(tb.COLOURS))]
+            p = torch.tensor([c * len(tb.COLOURS) + k for c, k in pairs])
+            z = torch.randn(len(p), 4, tb.SIZE // 8, tb.SIZE // 8, generator=torch.Generator().manual_seed(seed))
+            ts = list(range(999, -1, -20))  # 50 DDIM steps
+            for i, t in enumerate(ts):
+                a, a_prev = float(abar[t]), float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+                e = unet(torch.cat([z, z]), torch.full((2 * len(p),), float(t)),
+                         context=torch.cat([ctx[p], ctx[-1:].expand(len(p), -1, -1)]))
+                ec, eu = e.chunk(2)
+                e = eu + 5.0 * (ec - eu)
+                z = a_prev ** 0.5 * (z - (1 - a) ** 0.5 * e) / a ** 0.5 + (1 - a_prev) ** 0.5 * e
+            img = vae.decode(z / tb.LATENT_SCALE).add(1).div(2).clamp(0, 1)
+            cls, col = tb.Classifier.predict(net, img)
+            want_cls, want_col = torch.tensor([c for c, _ in pairs]), torch.tensor([k for _, k in pairs])
+            cls_ok += int((cls == want_cls).sum())
+            col_ok += int((tb.measured_colour(img) == want_col).sum())
+            clf_col_ok += int((col == want_col).sum())
+            n += len(pairs)
+    out.update(samples=n, sample_class_accuracy=round(cls_ok / n, 3), sample_colour_accuracy=round(col_ok / n, 3),
+               sample_colour_accuracy_classifier=round(clf_col_ok / n, 3),
+               classifier_test_accuracy=[round(float(a), 4) for a in _load(state / "classifier.pt")["test_accuracy"]])
+    bars = {"vae_psnr_db": 28.0, "sample_class_accuracy": 0.8, "sample_colour_accuracy": 0.9}
+    out["bars_met"] = {k: out[k] >= v for k, v in bars.items()}
+    log(f"quality on held-out data: {json.dumps(out)}")
+    (state / "report.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def stage_export(state: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -375,6 +430,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     host = provision.find_host({**os.environ, **({"COMFYUI_PATH": args.comfyui} if args.comfyui else {})},
                                provision=False)
+    if host is None:
+        sys.exit("train_testbed: no ComfyUI found; pass --comfyui, set COMFYUI_PATH, or run bash scripts/test.sh once "
+                 "(it provisions one)")
     os.environ["COMFYUI_PATH"] = str(host.path)
     import make_tiny_checkpoint
 
@@ -405,7 +463,8 @@ def main(argv=None) -> None:
     if "decoder" in stages:
         stage_decoder(state, args.decoder_steps)
     if "export" in stages:
-        stage_export(state, state / "report.json")
+        stage_export(state)
+        stage_report(state)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,39 @@ def tiny_checkpoint() -> Path:
     return path
 
 
+def testbed_checkpoint() -> Path:
+    """The trained testbed checkpoint (scripts/testbed.py), assembled once into the same cache folder."""
+    import make_tiny_checkpoint
+    import testbed
+
+    make_tiny_checkpoint._import_comfy(str(COMFYUI_PATH))
+    return testbed.assemble(CACHE_DIR / "checkpoints" / testbed.CKPT_NAME)
+
+
+def load_testbed() -> dict:
+    """The trained testbed as ComfyUI's loader node loads it (model, clip, vae, path), its held-out
+    set (images NCHW in [0, 1], labels, colours) and its classifier. Call after start_inprocess."""
+    import comfy.sd
+    import torch
+    import testbed
+
+    path = testbed_checkpoint()
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
+    images, labels, colours, _ = testbed.load_heldout()
+    return {"model": model, "clip": clip, "vae": vae, "images": images, "labels": labels, "colours": colours,
+            "classifier": testbed.load_classifier(), "path": path}
+
+
+def batched_cond(clip, texts: list) -> list:
+    """One CONDITIONING with its own prompt per batch item ([[cond, {"pooled_output": ...}]])."""
+    import torch
+
+    with torch.inference_mode():
+        enc = [clip.encode_from_tokens(clip.tokenize(t), return_pooled=True) for t in texts]
+    return [[torch.cat([e[0] for e in enc]), {"pooled_output": torch.cat([e[1] for e in enc])}]]
+
+
 def pack_link_dir() -> Path:
     """A folder holding only a link to this pack, to serve as a custom_nodes path."""
     d = Path(tempfile.gettempdir()) / f"comfyui-inverse-nodes-{os.getuid()}"
@@ -92,6 +125,7 @@ def start_inprocess():
     import folder_paths
 
     ckpt = tiny_checkpoint()
+    testbed_checkpoint()
     folder_paths.add_model_folder_path("checkpoints", str(ckpt.parent), is_default=True)
     out_dir = Path(tempfile.mkdtemp(prefix="comfyui-inverse-out-"))
     folder_paths.set_output_directory(str(out_dir))
@@ -154,21 +188,23 @@ def workflow_family(name: str) -> str:
 
 
 def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
-    """An API-format example workflow set up for the tiny models: every checkpoint loader gets the
-    tiny SD1.5 checkpoint (a flow model's loader becomes the test node TINY_FLOW_LOADER, which returns
+    """An API-format example workflow set up for the tiny models (the trained testbed's workflows keep
+    their checkpoint and size): every checkpoint loader gets the tiny SD1.5 checkpoint (a flow model's loader becomes the test node TINY_FLOW_LOADER, which returns
     a tiny model of its family), every ImageScale ``size`` pixels, and (optionally) every node with a
     ``steps`` input ``steps`` steps and every decoder inversion ``steps`` iterations."""
     import json
 
     prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    # the trained testbed's workflows run as they are: its own checkpoint, at the size it was trained at
+    testbed = any(n["inputs"].get("ckpt_name") == ui_workflows.TESTBED["name"] for n in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
+        if node["class_type"] == "CheckpointLoaderSimple" and not testbed:
             if inputs["ckpt_name"] in FLOW_CHECKPOINTS:
                 node["class_type"] = TINY_FLOW_LOADER
             else:
                 inputs["ckpt_name"] = TINY_CKPT_NAME
-        if node["class_type"] == "ImageScale":
+        if node["class_type"] == "ImageScale" and not testbed:
             inputs["width"] = inputs["height"] = size
         if steps is not None and "steps" in inputs:
             inputs["steps"] = steps

@@ -35,15 +35,17 @@ class Clamp(nn.Module):
         return torch.tanh(x / 3) * 3
 
 
-def encoder() -> nn.Sequential:
+def encoder(latent: int = 32, mid: bool = True) -> nn.Sequential:
+    """TAEF2's encoder; with ``latent=4, mid=False`` it is TAESD's (ComfyUI's comfy/taesd/taesd.py,
+    same parameter names), which the trained testbed's VAE uses."""
     return nn.Sequential(conv(3, 64), Block(64), conv(64, 64, 2, False), Block(64), Block(64), Block(64),
                          conv(64, 64, 2, False), Block(64), Block(64), Block(64), conv(64, 64, 2, False),
-                         Block(64, True), Block(64, True), Block(64, True), conv(64, 32))
+                         Block(64, mid), Block(64, mid), Block(64, mid), conv(64, latent))
 
 
-def decoder() -> nn.Sequential:
+def decoder(latent: int = 32, mid: bool = True) -> nn.Sequential:
     up = lambda: nn.Upsample(scale_factor=2)  # noqa: E731
-    return nn.Sequential(Clamp(), conv(32, 64), nn.ReLU(), Block(64, True), Block(64, True), Block(64, True),
+    return nn.Sequential(Clamp(), conv(latent, 64), nn.ReLU(), Block(64, mid), Block(64, mid), Block(64, mid),
                          up(), conv(64, 64, bias=False), Block(64), Block(64), Block(64),
                          up(), conv(64, 64, bias=False), Block(64), Block(64), Block(64),
                          up(), conv(64, 64, bias=False), Block(64), conv(64, 3))
@@ -62,6 +64,21 @@ def load(dtype=torch.float32, device="cpu"):
     dec.load_state_dict(load_file(str(ASSETS / "taef2_decoder.safetensors")))
     out = []
     for m in (enc, dec):
+        m.eval().requires_grad_(False)
+        out.append(m.to(device=device, dtype=dtype))
+    return tuple(out)
+
+
+def load_testbed(dtype=torch.float32, device="cpu"):
+    """(encoder, decoder) of the trained testbed's TAESD-format VAE (tests/data/testbed_weights.safetensors),
+    images in [0, 1], raw latents (before vae_scale/vae_shift), in eval mode, without gradients."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ROOT / "tests" / "data" / "testbed_weights.safetensors"))
+    out = []
+    for m, prefix in ((encoder(4, False), "first_stage_model.taesd_encoder."),
+                      (decoder(4, False), "first_stage_model.taesd_decoder.")):
+        m.load_state_dict({k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)})
         m.eval().requires_grad_(False)
         out.append(m.to(device=device, dtype=dtype))
     return tuple(out)

@@ -2,7 +2,9 @@
 
 Runs `bash scripts/quickstart.sh` with an empty HOME (so an empty cache folder, no ~/ComfyUI, no
 COMFYUI_PATH or COMFYUI_PYTHON): it must provision the host from the archive, make its own venv,
-link the pack, run the example workflow headless and write its images. Minutes: it installs a venv.
+link the pack, run the example workflow headless on the trained testbed checkpoint and write
+pictures that mean something: the reconstruction close to the input, the edit blue where the
+input is red. Minutes: it installs a venv.
 """
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ ARCHIVES = [a for a in provision.archive_candidates() if a.is_file()]
 
 @pytest.mark.skipif(not ARCHIVES, reason="no ComfyUI source archive (../shared/hosts) to provision from")
 def test_quickstart_on_a_clean_home_provisions_and_writes_the_images(tmp_path):
+    import numpy as np
+    import torch
     from PIL import Image
+
+    import testbed
 
     home = tmp_path / "home"
     home.mkdir()
@@ -41,8 +47,16 @@ def test_quickstart_on_a_clean_home_provisions_and_writes_the_images(tmp_path):
     assert str(home / ".cache" / "comfyui-inverse" / "venv-py") in log  # its own isolated Python
     assert (host / "custom_nodes" / "ComfyUI-Inverse").resolve() == ROOT
     assert "bash scripts/ui.sh" in log
-    pngs = sorted(out.rglob("*.png"))
-    assert sorted(p.name.split("_0")[0] for p in pngs) == ["reconstruction", "reconstruction_comfy_sampler",
-                                                          "vae_roundtrip"], pngs
-    for p in pngs:
-        assert Image.open(p).size == (256, 256)
+    pngs = {p.name.split("_0")[0]: p for p in out.rglob("*.png")}
+    assert sorted(pngs) == ["edit", "input", "reconstruction", "vae_roundtrip"], pngs
+    img = {k: torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+           for k, p in pngs.items()}
+    assert all(v.shape == (1, 3, 48, 48) for v in img.values())
+
+    def psnr(a, b):
+        return float(10 * torch.log10(1 / (a - b).pow(2).mean()))
+
+    assert psnr(img["reconstruction"], img["input"]) > 20, psnr(img["reconstruction"], img["input"])
+    red, blue = testbed.COLOUR_NAMES.index("red"), testbed.COLOUR_NAMES.index("blue")
+    assert int(testbed.measured_colour(img["input"])) == red
+    assert int(testbed.measured_colour(img["edit"])) == blue

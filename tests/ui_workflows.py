@@ -29,7 +29,9 @@ FLUX = {"name": "flux1-dev-fp8.safetensors", "directory": "checkpoints",
 SD35 = {"name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "directory": "checkpoints",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
                "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}
-CHECKPOINTS = {m["name"]: m for m in (SD15, FLUX, SD35)}  # what the loaders name, with its download
+# the pack's trained testbed (scripts/testbed.py): assembled locally from tests/data, no download
+TESTBED = {"name": "inverse_testbed_sd15_v1.safetensors", "directory": "checkpoints"}
+CHECKPOINTS = {m["name"]: m for m in (SD15, FLUX, SD35, TESTBED)}  # what the loaders name, with its download
 # per checkpoint: what the note says about the model, and about the machine it needs
 MODEL_NOTE = {
     SD15["name"]: ("Checkpoint: any SD1.x/SD2.x/SDXL checkpoint (the file named in Load Checkpoint is SD1.5's; the "
@@ -49,6 +51,12 @@ MODEL_NOTE = {
                    "Needs a GPU: 1024 x 1024 px and 28 steps. On a CPU, set the Resize node to 256 x 256 and the "
                    "step counts to 8 first, and expect minutes per step."),
 }
+
+MODEL_NOTE[TESTBED["name"]] = (
+    "Checkpoint: the pack's small trained testbed, an SD1.5-format model trained on 48 x 48 px Fashion-MNIST items "
+    "in six colours (prompts 'a <colour> <item>'). scripts/ui.sh and scripts/quickstart.sh assemble it from the "
+    "pack's tests/data and list it beside your models; it is not a download.",
+    "Runs anywhere: on a CPU the whole workflow takes about a minute.")
 
 # (API twin, card title, what it shows, what to change); the order is the reading order
 MANIFEST = [
@@ -142,6 +150,12 @@ MANIFEST = [
     ("sd35_restore_gaussian_deblur_stsl", "SD3.5 - restore Gaussian deblur (STSL)",
      "Posterior-sampling Gaussian deblurring with STSL on SD3.5.",
      "the photo, blur sigma, noise sigma_y; your own blurred image goes to Restore's measurement"),
+    ("testbed_invert_and_edit", "Testbed - invert and edit a red sneaker (runs on a CPU)",
+     "The quick start's workflow on the small trained testbed checkpoint: a held-out image (a red sneaker) as the "
+     "model sees it, its VAE round trip, its exact inversion (Anderson) reconstructed, and an edit to a blue "
+     "sneaker with ProxEdit and a prompt-to-prompt word swap.",
+     "the target prompt's colour (red, orange, yellow, green, blue, purple) or item (t-shirt, trousers, pullover, "
+     "dress, coat, sandal, shirt, sneaker, bag, ankle boot), with the same word in the source prompt"),
 ]
 
 STAGE_OF = {
@@ -284,12 +298,13 @@ def api_to_ui(prompt: dict, node_classes: dict, sizes: dict | None = None, stem:
         cls = node_classes[prompt[k]["class_type"]]
         n["outputs"] = [{"name": name, "type": typ, "links": out_links.get((k, i), []), "slot_index": i}
                         for i, (name, typ) in enumerate(_outputs(cls))]
-        if n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] in CHECKPOINTS:
+        if n["type"] == "CheckpointLoaderSimple" and "url" in CHECKPOINTS.get(n["widgets_values"][0], {}):
             n["properties"]["models"] = [dict(CHECKPOINTS[n["widgets_values"][0]])]
     ui = {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
           "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
     models = [dict(CHECKPOINTS[name]) for name in sorted({n["widgets_values"][0] for n in nodes
-                                                          if n["type"] == "CheckpointLoaderSimple"} & set(CHECKPOINTS))]
+                                                          if n["type"] == "CheckpointLoaderSimple"} & set(CHECKPOINTS))
+              if "url" in CHECKPOINTS[name]]
     if models:
         ui["models"] = models
     if sizes is not None:
@@ -467,7 +482,7 @@ def main() -> None:
         old.unlink()
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.tiny_checkpoint().parent,
+    with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
                                   ROOT / "workflows" / "input", ROOT / "scripts",
                                   (comfy_host.HOST_NODES,)) as fe:
         canvas, blocked = fe.canvas_rect(), fe.blocked_cells()

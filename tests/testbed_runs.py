@@ -1,0 +1,165 @@
+"""The pack's nodes on the trained testbed (scripts/testbed.py), as the tests and the benches run them:
+encode/decode held-out images, invert, reconstruct, edit and restore through the nodes' own
+``execute``, with every image NCHW in [0, 1]. Needs the in-process host (tests/comfy_host.py)."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import torch
+
+import comfy_host
+import testbed as tb
+
+
+def psnr(a, b, mask=None):
+    """PSNR in dB of images in [0, 1] (any layout), per batch item; over ``mask`` when given."""
+    d = (a.float() - b.float()).pow(2)
+    if mask is not None:
+        m = mask.float().expand_as(d)
+        mse = (d * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+    else:
+        mse = d.flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def nhwc(x):
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def nchw(x):
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+class Testbed:
+    def __init__(self):
+        self.pack = comfy_host.start_inprocess()
+        t = comfy_host.load_testbed()
+        self.model, self.clip, self.vae, self.path = t["model"], t["clip"], t["vae"], t["path"]
+        self.images, self.labels, self.colours = t["images"], t["labels"], t["colours"]
+        self.classifier = t["classifier"]
+        self._nodes = {}
+
+    def nodes(self, name):
+        if name not in self._nodes:
+            self._nodes[name] = importlib.import_module(f"{self.pack.__name__}.nodes.{name}")
+        return self._nodes[name]
+
+    # -- images and prompts
+    def encode(self, images):
+        with torch.inference_mode():
+            return {"samples": self.vae.encode(nhwc(images))}
+
+    def decode(self, samples):
+        with torch.inference_mode():
+            return nchw(self.vae.decode(samples)).clamp(0, 1)
+
+    def prompts(self, idx, colours=None, classes=None):
+        colours = self.colours[idx] if colours is None else colours
+        classes = self.labels[idx] if classes is None else classes
+        return [tb.prompt(int(c), int(k)) for c, k in zip(classes, colours)]
+
+    def cond(self, texts):
+        return comfy_host.batched_cond(self.clip, list(texts))
+
+    # -- inversion
+    def invert(self, node, lat, pos, neg, **kw):
+        n = self.nodes("inversion")
+        with torch.inference_mode():
+            if node != "NegativePromptInversion":
+                kw["negative"] = neg
+            return getattr(n, node).execute(self.model, pos, latent=lat, spacing="auto", **kw).args[0]
+
+    def reconstruct(self, result, pos, neg, guidance):
+        n = self.nodes("inversion")
+        with torch.inference_mode():
+            return n.SampleFromInversion.execute(self.model, pos, result, guidance, 0, negative=neg).args[0]["samples"]
+
+    # -- editing
+    EDIT_METHODS = ("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")
+
+    def edit(self, idx, targets, method="prox_npi_p2p", steps=50, **kw):
+        """Edit held-out items ``idx`` to the prompts ``targets``; returns (edited, VAE round trip).
+
+        prox_npi_p2p: ProxEdit over negative-prompt inversion with a prompt-to-prompt word swap
+        (workflow 09; one item at a time, as the control is built for one prompt pair); prox_npi:
+        the same without attention control; npi: plain negative-prompt-inversion editing (CFG with
+        the source prompt as negative: ProxEdit at quantile 0, no inversion guidance); prox_ddpm:
+        ProxEdit over edit-friendly DDPM inversion (base 'negative', no inversion guidance, 36% of
+        the steps skipped: the quick start's edit);
+        prox_masactrl: ProxEdit over NPI with MasaCtrl (from step 4, the decoder's layers)."""
+        idx, targets = list(idx), list(targets)
+        if method == "prox_npi_p2p" and len(idx) > 1:
+            runs = [self.edit([i], [t], method, steps, **kw) for i, t in zip(idx, targets)]
+            return torch.cat([r[0] for r in runs]), torch.cat([r[1] for r in runs])
+        e = self.nodes("editing")
+        lat = self.encode(self.images[idx])
+        neg = self.cond([""] * len(idx))
+        args = dict(base="source", guidance=7.5, prox="hard", quantile=0.7, fixed_threshold=0.0, dilation=1,
+                    inversion_guidance=0.5, reconstruction_guidance=0.0, t_rec=400, source_null_mix=0.0, skip_steps=0)
+        control = None
+        with torch.inference_mode():
+            if method == "prox_npi_p2p":
+                control, source, target = e.PromptToPrompt.execute(self.clip, self.prompts(idx)[0], targets[0],
+                                                                   "replace", 0.8, 0.5, "", True, "", 0.3,
+                                                                   0.2).args
+            else:
+                source, target = self.cond(self.prompts(idx)), self.cond(targets)
+            if method == "prox_masactrl":
+                control = e.MasaCtrl.execute(start_step=4, start_layer=-1, strategy="source",
+                                             base_strategy="source").args[0]
+        if method == "prox_ddpm":
+            inv = self.invert("DDPMInversion", lat, source, neg, steps=steps, guidance=1.0, seed=0)
+            args.update(base="negative", inversion_guidance=0.0, skip_steps=int(0.36 * steps))
+        else:
+            inv = self.invert("NegativePromptInversion", lat, source, neg, steps=steps)
+        if method == "npi":
+            args.update(quantile=0.0, inversion_guidance=0.0)
+        args.update(kw)
+        with torch.inference_mode():
+            out = e.ProxEdit.execute(self.model, inv, target, negative=neg, attention_control=control,
+                                     **args).args[0]["samples"]
+        return self.decode(out), self.decode(lat["samples"])
+
+    # -- restoration
+    def operator(self, kind, **kw):
+        r = self.nodes("restoration")
+        args = dict(scale_factor=4, kernel_size=9, blur_sigma=2.0, motion_intensity=0.5, mask_amount=0.4,
+                    sigma_y=0.02, seed=1)
+        args.update(kw)
+        with torch.inference_mode():
+            return r.DegradationOperator.execute(kind, **args).args[0]
+
+    def degrade(self, images, op):
+        with torch.inference_mode():
+            return self.nodes("restoration").DegradeImage.execute(nhwc(images), op, 0).args[0]
+
+    def restore(self, y, op, pos, **kw):
+        """Returns (image NCHW, report dict)."""
+        args = dict(method="stsl", steps=50, seed=0, step_size=1.0, gluing=0.1, stochasticity=0.0,
+                    stsl_inner_steps=2, stsl_lambda=1.0, stsl_trace_weight=0.02, stsl_lr=0.05,
+                    stsl_start="measurement", p2l_prompt_steps=1, p2l_prompt_lr=1e-3, p2l_project_every=4,
+                    p2l_cg_iters=10, p2l_cg_lambda=0.01, decoder_memory="full", tile_size=40)
+        args.update(kw)
+        with torch.inference_mode():
+            out = self.nodes("restoration").Restore.execute(self.model, self.vae, pos, y, op, **args).args
+        return nchw(out[0]).clamp(0, 1), json.loads(out[2])
+
+
+def edit_measures(edited, source, want_colour=None, want_class=None, classifier=None) -> list:
+    """PIE-Bench's measures on the testbed, per item: edit success (measured colour / the classifier's
+    class), structure kept (silhouette IoU with the source), background kept (PSNR outside the
+    source's silhouette, taken generously so the item's soft edge does not count)."""
+    m_src, m_edit = tb.foreground_mask(source), tb.foreground_mask(edited)
+    outside = ~tb.foreground_mask(source, 0.03)
+    iou = (m_src & m_edit).flatten(1).sum(1) / (m_src | m_edit).flatten(1).sum(1).clamp_min(1)
+    bg = psnr(edited, source, outside[:, None])
+    rows = [{"iou": float(a), "background_psnr": float(b)} for a, b in zip(iou, bg)]
+    if want_colour is not None:
+        for r, ok in zip(rows, tb.measured_colour(edited).cpu() == torch.as_tensor(want_colour)):
+            r["colour_ok"] = bool(ok)
+    if want_class is not None:
+        pred = tb.Classifier.predict(classifier, edited)[0].cpu()
+        for r, ok in zip(rows, pred == torch.as_tensor(want_class)):
+            r["class_ok"] = bool(ok)
+    return rows
