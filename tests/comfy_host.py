@@ -188,10 +188,11 @@ def workflow_family(name: str) -> str:
 
 
 def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
-    """An API-format example workflow set up for the tiny models (the trained testbed's workflows keep
-    their checkpoint and size): every checkpoint loader gets the tiny SD1.5 checkpoint (a flow model's loader becomes the test node TINY_FLOW_LOADER, which returns
+    """An API-format example workflow set up for the tiny models: every checkpoint loader gets the
+    tiny SD1.5 checkpoint (a flow model's loader becomes the test node TINY_FLOW_LOADER, which returns
     a tiny model of its family), every ImageScale ``size`` pixels, and (optionally) every node with a
-    ``steps`` input ``steps`` steps and every decoder inversion ``steps`` iterations."""
+    ``steps`` input ``steps`` steps and every decoder inversion ``steps`` iterations. The trained
+    testbed's workflows keep their checkpoint and image size."""
     import json
 
     prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
