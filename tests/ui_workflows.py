@@ -170,7 +170,8 @@ STAGE_OF = {
 }
 GROUP_COLORS = ["#3f789e", "#8A8", "#b06634", "#a1309b"]
 NODE_W = 260
-MIN_H = {"SaveImage": 270, "CLIPTextEncode": 100, "PreviewAny": 100, "InversePromptToPrompt": 380}
+MIN_H = {"SaveImage": 270, "CLIPTextEncode": 100, "PreviewAny": 100, "InversePromptToPrompt": 380,
+         "LoadImage": 326}  # LoadImage: with its preview, which a small image may not show yet when measured
 GAP_X, GAP_Y, TITLE_H, PAD, GROUP_TITLE = 36, 16, 30, 16, 44
 MAX_COLUMN_H = 1000
 NOTE_SIZE = (NODE_W, 250)
