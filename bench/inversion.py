@@ -192,6 +192,38 @@ def reference_backend():
     }
 
 
+def _glue_backend(glue, model, pos, neg, samples, decode=None, target=None) -> dict:
+    """The bench's backend dict for a ComfyUI MODEL: runs under the glue's predictor with the
+    prompts "c" (pos) and "u" (neg) on ``samples``; with ``decode`` and ``target`` it also reads a
+    reconstruction as the mean PSNR of its decoded image against ``target``."""
+    state = {}
+
+    def run(fn):
+        def inner(pred):
+            state["pred"] = pred
+            return fn(pred)
+        with torch.inference_mode():
+            return glue.run_with_predictor(model, {"c": pos, "u": neg}, samples.shape, inner)
+
+    backend = {
+        "alphas_cumprod": glue.model_alphas_cumprod(model), "uncond": "u", "null_lr": 0.01,
+        "grad_context": lambda: state["pred"].autograd(),
+        "z0": lambda pred: pred.process_latent_in(samples.to(pred.device)),
+        "null_init": lambda: state["pred"].embedding("u").float().clone(),
+        "make_uncond": lambda e: glue.Cond("u", context=e),
+        "run": run,
+    }
+    if decode is not None:
+        def psnr(rec):
+            with torch.inference_mode():
+                img = decode(state["pred"].process_latent_out(rec).cpu()).clamp(0, 1)
+            mse = (img.float() - target.float()).pow(2).flatten(1).mean(1)
+            return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
+
+        backend.update(psnr=psnr, images=samples.shape[0])
+    return backend
+
+
 def comfy_backend():
     import comfy_host
 
@@ -209,23 +241,7 @@ def comfy_backend():
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         img = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(11))
         samples = vae.encode(img)
-    state = {}
-
-    def run(fn):
-        def inner(pred):
-            state["pred"] = pred
-            return fn(pred)
-        with torch.inference_mode():
-            return glue.run_with_predictor(model, {"c": pos, "u": neg}, samples.shape, inner)
-
-    return {
-        "alphas_cumprod": glue.model_alphas_cumprod(model), "uncond": "u", "null_lr": 0.01,
-        "grad_context": lambda: state["pred"].autograd(),
-        "z0": lambda pred: pred.process_latent_in(samples.to(pred.device)),
-        "null_init": lambda: state["pred"].embedding("u").float().clone(),
-        "make_uncond": lambda e: glue.Cond("u", context=e),
-        "run": run,
-    }
+    return _glue_backend(glue, model, pos, neg, samples)
 
 
 def testbed_backend(count: int):
@@ -250,29 +266,7 @@ def testbed_backend(count: int):
     with torch.inference_mode():
         samples = vae.encode(t["images"][:count].permute(0, 2, 3, 1))
         target = vae.decode(samples)
-    state = {}
-
-    def run(fn):
-        def inner(pred):
-            state["pred"] = pred
-            return fn(pred)
-        with torch.inference_mode():
-            return glue.run_with_predictor(model, {"c": pos, "u": neg}, samples.shape, inner)
-
-    def psnr(rec):
-        with torch.inference_mode():
-            img = vae.decode(state["pred"].process_latent_out(rec).cpu()).clamp(0, 1)
-        mse = (img.float() - target.float()).pow(2).flatten(1).mean(1)
-        return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
-
-    return {
-        "alphas_cumprod": glue.model_alphas_cumprod(model), "uncond": "u", "null_lr": 0.01,
-        "grad_context": lambda: state["pred"].autograd(),
-        "z0": lambda pred: pred.process_latent_in(samples.to(pred.device)),
-        "null_init": lambda: state["pred"].embedding("u").float().clone(),
-        "make_uncond": lambda e: glue.Cond("u", context=e),
-        "run": run, "psnr": psnr, "images": count,
-    }
+    return _glue_backend(glue, model, pos, neg, samples, decode=vae.decode, target=target)
 
 
 TESTBED_METHODS = ["ddim", "fixed_point_3", "anderson_3", "anderson_4", "newton_krylov_5", "rnri",
@@ -448,6 +442,8 @@ def main(argv=None):
     ap.add_argument("--flow", action="store_true", help="only the flow models (28 steps): Euler vs exact solvers")
     ap.add_argument("--testbed", type=int, default=0, metavar="N",
                     help="only the trained testbed, on its first N held-out images (the README's table: 100)")
+    ap.add_argument("--configs", default=None, metavar="STEPS:GUIDANCE,...",
+                    help="the (steps, guidance) configurations to run, e.g. 4:1,4:7.5 (default: 50:1,50:7.5,4:1,4:7.5)")
     args = ap.parse_args(argv)
     if args.memory_worker:
         size, mode, path = args.memory_worker.split(":", 2)
@@ -464,10 +460,12 @@ def main(argv=None):
         print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
         return
     full = [(50, 1.0), (50, 7.5), (4, 1.0), (4, 7.5)]
+    if args.configs:
+        full = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.configs.split(",")]
     if args.testbed:
         backend = testbed_backend(args.testbed)
         if backend is not None:
-            configs = [(10, 1.0), (10, 7.5), (4, 1.0), (4, 7.5)] if args.quick else full
+            configs = [(10, 1.0), (10, 7.5), (4, 1.0), (4, 7.5)] if args.quick and not args.configs else full
             out["testbed"] = bench_backend("testbed", backend, configs, TESTBED_METHODS)
         print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
         return

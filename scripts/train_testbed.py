@@ -60,10 +60,55 @@ def psnr(a, b) -> "torch.Tensor":
 
 # ---------------------------------------------------------------------------------------------
 
+def _fit(label: str, path: Path, opt, step: int, steps: int, seed: int, batch: int, lr_at, loss_fn,
+         held_psnr, snapshot) -> None:
+    """The VAE stages' shared loop: from ``step`` to ``steps``, a batch of rendered training items
+    drawn from the seed ``seed + step`` (so a resumed run is the same run), the learning rate
+    ``lr_at(step)``, one AdamW step on ``loss_fn(x, generator)``; every 25 steps the held-out
+    PSNR is logged and ``snapshot(step)`` saved to ``path``."""
+    import torch
+
+    items, labels, colours = tb.load_split("train")
+    g = torch.Generator()
+    t0, first = time.time(), step
+    while step < steps:
+        g.manual_seed(seed + step)
+        idx = torch.randint(0, len(items), (batch,), generator=g).numpy()
+        x = tb.render(items[idx], colours[idx])
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step)
+        loss = loss_fn(x, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 25 == 0 or step == steps:
+            with torch.no_grad():
+                p = held_psnr()
+            log(f"{label} step {step}/{steps} loss {loss.item():.5f} held-out PSNR {p:.2f} dB "
+                f"({(time.time() - t0) / (step - first):.2f} s/step)")
+            _save(snapshot(step), path)
+
+
+def _vae_loss(model, x, g, encoder_grad: bool = True):
+    """MSE + 0.1 L1 of the round trip, the latent jittered by N(0, 0.03^2) so that the decoder
+    tolerates a sampler's imperfect latents."""
+    import torch
+
+    with torch.set_grad_enabled(encoder_grad):
+        z = model.taesd_encoder(x)
+    y = model.taesd_decoder(z + 0.03 * torch.randn(z.shape, generator=g))
+    return (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean()
+
+
+def _held_psnr(model, hold):
+    return psnr(model.taesd_decoder(model.taesd_encoder(hold)).clamp(0, 1), hold).mean()
+
+
 def stage_vae(state: Path, steps: int, batch: int = 32) -> None:
-    """TAESD-format VAE on the 48 px training images: MSE + L1, latents jittered by small noise so the
-    decoder tolerates a sampler's imperfect latents. Warm-started from TAEF2's trained 64-channel
-    blocks (../shared/assets/taef2; the first and last latent convolutions are new)."""
+    """TAESD-format VAE on the 48 px training images (loss: :func:`_vae_loss`). Warm-started from
+    TAEF2's trained 64-channel blocks (../shared/assets/taef2; the first and last latent
+    convolutions are new)."""
     import torch
 
     path = state / "vae.pt"
@@ -80,31 +125,11 @@ def stage_vae(state: Path, steps: int, batch: int = 32) -> None:
     opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=0.0)
     if ck:
         opt.load_state_dict(ck["opt"])
-    items, labels, colours = tb.load_split("train")
     hold = tb.load_heldout()[0][:64]
-    step = ck.get("step", 0)
-    g = torch.Generator()
-    t0 = time.time()
-    while step < steps:
-        g.manual_seed(100_000 + step)  # each step's batch depends on the step alone: a resumed run is the same run
-        idx = torch.randint(0, len(items), (batch,), generator=g).numpy()
-        x = tb.render(items[idx], colours[idx])
-        for pg in opt.param_groups:
-            pg["lr"] = 8e-4 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        z = model.taesd_encoder(x)
-        z = z + 0.03 * torch.randn(z.shape, generator=g)
-        y = model.taesd_decoder(z)
-        loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 25 == 0 or step == steps:
-            with torch.no_grad():
-                p = psnr(model.taesd_decoder(model.taesd_encoder(hold)).clamp(0, 1), hold).mean()
-            log(f"vae step {step}/{steps} loss {loss.item():.5f} held-out PSNR {p:.2f} dB "
-                f"({(time.time() - t0) / (step - ck.get('step', 0)):.2f} s/step)")
-            _save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    _fit("vae", path, opt, ck.get("step", 0), steps, 100_000, batch,
+         lr_at=lambda s: 8e-4 * min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))),
+         loss_fn=lambda x, g: _vae_loss(model, x, g), held_psnr=lambda: _held_psnr(model, hold),
+         snapshot=lambda s: {"model": model.state_dict(), "opt": opt.state_dict(), "step": s})
 
 
 def stage_decoder(state: Path, steps: int, batch: int = 32) -> None:
@@ -124,31 +149,11 @@ def stage_decoder(state: Path, steps: int, batch: int = 32) -> None:
     opt = torch.optim.AdamW(model.taesd_decoder.parameters(), lr=2e-4, weight_decay=0.0)
     if ck:
         opt.load_state_dict(ck["opt"])
-    items, labels, colours = tb.load_split("train")
     hold = tb.load_heldout()[0][:64]
-    step = ck.get("step", 0)
-    g = torch.Generator()
-    t0, first = time.time(), step
-    while step < steps:
-        g.manual_seed(300_000 + step)
-        idx = torch.randint(0, len(items), (batch,), generator=g).numpy()
-        x = tb.render(items[idx], colours[idx])
-        for pg in opt.param_groups:
-            pg["lr"] = 2e-4 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        with torch.no_grad():
-            z = model.taesd_encoder(x)
-        y = model.taesd_decoder(z + 0.03 * torch.randn(z.shape, generator=g))
-        loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 25 == 0 or step == steps:
-            with torch.no_grad():
-                p = psnr(model.taesd_decoder(model.taesd_encoder(hold)).clamp(0, 1), hold).mean()
-            log(f"decoder step {step}/{steps} loss {loss.item():.5f} held-out PSNR {p:.2f} dB "
-                f"({(time.time() - t0) / (step - first):.2f} s/step)")
-            _save({"decoder": model.taesd_decoder.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    _fit("decoder", path, opt, ck.get("step", 0), steps, 300_000, batch,
+         lr_at=lambda s: 2e-4 * 0.5 * (1 + math.cos(math.pi * s / steps)),
+         loss_fn=lambda x, g: _vae_loss(model, x, g, encoder_grad=False), held_psnr=lambda: _held_psnr(model, hold),
+         snapshot=lambda s: {"decoder": model.taesd_decoder.state_dict(), "opt": opt.state_dict(), "step": s})
 
 
 def _warm_start(model) -> None:
