@@ -38,8 +38,8 @@ from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
 
 # (label, solver, SolverConfig settings, prompt-aware adjustment rounds); the label names the calls per step
 SOLVER_RUNS = [
-    ("rnri", "rnri", dict(iterations=2), 0),                       # eq. 8: 2 fwd+bwd, 1 fwd
-    ("rnri_jacobian_free", "rnri_jacobian_free", dict(iterations=1), 0),  # the authors' code: 2 fwd
+    ("rnri", "rnri", dict(iterations=2), 0),              # eq. 8: 2 fwd+bwd, f(z^2) and the DDIM seed
+    ("rnri_jacobian_free", "rnri_jacobian_free", dict(iterations=2), 0),  # the authors' code (n_iters 2): 2 fwd
     ("gradient_descent", "gradient_descent", dict(iterations=2), 0),
     ("fixed_point_3", "fixed_point", dict(iterations=2), 0),
     ("anderson_3", "anderson", dict(iterations=2), 0),

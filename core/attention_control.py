@@ -315,6 +315,7 @@ class AttentionController:
         self.mode = "off"
         self.roles: tuple = ()
         self.store: dict = {}
+        self.base_source = SOURCE_BASE  # the captured role whose keys/values the base branch reads
         self.blend = _Blend()
         self.edited_calls = 0   # attention calls in which the target branch was edited
 
@@ -324,10 +325,15 @@ class AttentionController:
             self.blend = _Blend()
         self.step = int(step)
         self.store.clear()
+        self.base_source = SOURCE_BASE
         self.blend.seen = 0
 
-    def capture(self, roles: Sequence) -> None:
+    def capture(self, roles: Sequence, base_is_source: bool = False) -> None:
+        """``base_is_source``: the base prompt is the source prompt, so no SOURCE_BASE chunk is
+        evaluated (it would repeat the SOURCE chunk: same prompt, same latent) and the base branch
+        reads the SOURCE chunk's keys/values."""
         self.mode, self.roles = "capture", tuple(roles)
+        self.base_source = SOURCE if base_is_source else SOURCE_BASE
 
     def inject(self, roles: Sequence) -> None:
         self.mode, self.roles = "inject", tuple(roles)
@@ -389,15 +395,20 @@ class AttentionController:
         return torch.cat(outs)
 
     def attend_joint(self, key: Hashable, layer: int, q: Tensor, k: Tensor, v: Tensor, chunk_roles: Sequence,
-                     image: slice, token_dim: int) -> Tensor:
+                     image: slice, token_dim: int,
+                     chunk_attention: Optional[Callable[[int], Callable]] = None) -> Tensor:
         """A transformer block's joint attention (prompt and image tokens in one sequence, the image's
         at ``image`` along ``token_dim``) for a batch of equal chunks in ``chunk_roles``: MasaCtrl
-        only (:func:`joint_mutual_attention`); ``self.attention`` is called as attention(q, k, v)."""
+        only (:func:`joint_mutual_attention`); ``self.attention`` is called as attention(q, k, v),
+        or ``chunk_attention(j)`` for chunk j where the host's attention differs per chunk (its rows
+        of an attention mask of the whole batch). An image-only self-attention (SD3.5's) is the case
+        ``image`` = all tokens."""
         if self.mode == "off" or not any(r in (SOURCE, SOURCE_BASE, BASE, TARGET) for r in chunk_roles):
             return self.attention(q, k, v)
         n = len(chunk_roles)
         outs = []
-        for role, qc, kc, vc in zip(chunk_roles, q.chunk(n), k.chunk(n), v.chunk(n)):
+        for j, (role, qc, kc, vc) in enumerate(zip(chunk_roles, q.chunk(n), k.chunk(n), v.chunk(n))):
+            attention = chunk_attention(j) if chunk_attention is not None else self.attention
             if self.mode == "capture" and (role == SOURCE and self.masa_active(layer)
                                            or role == SOURCE_BASE and self.masa_base_active(layer)):
                 self.store[("kv", role, key)] = (_tokens(kc, token_dim, image.start, image.stop),
@@ -406,14 +417,14 @@ class AttentionController:
                 k_src, v_src = self._stored(("kv", SOURCE, key))
                 self.edited_calls += 1
                 outs.append(joint_mutual_attention(qc, kc, vc, k_src, v_src, image, token_dim, self.masa.strategy,
-                                                   self.attention))
+                                                   attention))
                 continue
             elif self.mode == "inject" and role == BASE and self.masa_base_active(layer):
-                k_src, v_src = self._stored(("kv", SOURCE_BASE, key))
+                k_src, v_src = self._stored(("kv", self.base_source, key))
                 outs.append(joint_mutual_attention(qc, kc, vc, k_src, v_src, image, token_dim,
-                                                   self.masa.base_strategy, self.attention))
+                                                   self.masa.base_strategy, attention))
                 continue
-            outs.append(self.attention(qc, kc, vc))
+            outs.append(attention(qc, kc, vc))
         return torch.cat(outs)
 
     def _blend_layer(self, n_queries: int, latent_hw) -> Optional[tuple[int, tuple[int, int]]]:
@@ -473,7 +484,7 @@ class AttentionController:
                 self.edited_calls += 1
                 return mutual_self_attention(q, k, v, k_src, v_src, heads, self.masa.strategy, self.attention)
             if role == BASE and self.masa_base_active(layer):
-                k_src, v_src = self._stored(("kv", SOURCE_BASE, key))
+                k_src, v_src = self._stored(("kv", self.base_source, key))
                 return mutual_self_attention(q, k, v, k_src, v_src, heads, self.masa.base_strategy, self.attention)
             if role == TARGET and self.self_replace_active(q.shape[1]):
                 self.edited_calls += 1

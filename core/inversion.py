@@ -13,25 +13,30 @@ share lives in :class:`_Track`:
 
 - everything is per image: residuals mean|r| over each image, tolerance, early stop and the best
   iterate are decided image by image (a batch of 2 equals two runs of 1);
-- the returned latent is the best iterate seen, seeded with the DDIM estimate f(z_s) (free: it is
-  z_s - r(z_s)), never z_s itself, so no step returns its input.
+- the returned latent is the best iterate seen, each scored by its own residual. The DDIM estimate
+  f(z_s) (free: it is z_s - r(z_s)) is the first candidate, and every solver evaluates it before it
+  compares anything with it, so no step returns a latent worse than DDIM inversion's, and never
+  z_s itself (no step returns its input).
 
 Solvers (model calls per step with ``iterations = K``):
 - :func:`solve_rnri`: Regularized Newton-Raphson, eq. 7-8, derivatives by autograd through the
-  model, from z^0 = z_s (K forward+backward, 1 forward; with CFG each update is one plain batched
-  forward, then a forward+backward per branch, so the peak is one branch's graph: :func:`_residual`).
-- :func:`solve_rnri_jacobian_free`: the authors' public code: the model call detached, so
-  dF/dz = -sign(f(z) - z) + the prior term; K updates, then f(z^K) is returned (K + 1 forward).
+  model, from z^0 = z_s (K forward+backward, 2 forward: z^K and the DDIM seed; with CFG each update
+  is one plain batched forward, then a forward+backward per branch, so the peak is one branch's
+  graph: :func:`_residual`).
+- :func:`solve_rnri_jacobian_free`: the authors' public code (NewtonRaphsonInversion's
+  ``inversion_step``), line for line: the model call detached, their objective and selection
+  (K forward, K - 1 effective updates, the best f(z^k) returned).
 - :func:`solve_fixed_point`: z <- f(z) (AIDI / ReNoise) (K + 1 forward).
 - :func:`solve_gradient_descent`: gradient descent on 0.5 ||z - f(z)||^2 (ExactDPM-style).
 - :func:`solve_anderson`: type-II Anderson acceleration of the fixed point (memory ``cfg.memory``),
-  safeguarded by the plain fixed-point update (K + 1 forward).
+  each secant step anchored at the best evaluated iterate (K + 1 forward).
 - :func:`solve_newton_krylov`: Newton's method on r(z) = 0 from f(z_s), each linear system
   (I - J) delta = -r solved by GMRES with ``cfg.krylov`` Jacobian-vector products
   (K (krylov + 1) + 2 forward, or JVP passes through the model).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Sequence
@@ -57,6 +62,8 @@ class SolverConfig:
     division where dF/dz_i ~ 0); ``lr``: gradient-descent step size; ``memory``: Anderson's
     history length; ``krylov``: GMRES iterations (JVPs) per Newton-Krylov update; ``jvp``:
     "autograd" (forward-mode through the model) or "finite_difference" (one model call each).
+    ``z_clean``: the clean latent being inverted (the prior of :func:`solve_rnri_jacobian_free`,
+    set by :func:`iterative_invert`).
     """
 
     iterations: int = 2
@@ -68,6 +75,7 @@ class SolverConfig:
     memory: int = 3
     krylov: int = 3
     jvp: str = "finite_difference"
+    z_clean: Optional[Tensor] = None
 
 
 @dataclass
@@ -125,16 +133,19 @@ def _per_image(v: Tensor, like: Tensor) -> Tensor:
 class _Track:
     """The bookkeeping every solver shares, per image.
 
-    Seeded at k = 0 with r(z_s): the best iterate starts as the DDIM estimate f(z_s) = z_s - r(z_s),
-    with r(z_s) as its residual (a bound on r(f(z_s)) wherever f contracts); an image whose best
-    residual falls below ``tol`` is done: its best iterate and its updates are frozen, so each
-    image follows exactly the path it would follow alone."""
+    Seeded at k = 0 with r(z_s): the best iterate starts as the DDIM estimate f(z_s) = z_s - r(z_s).
+    Until the solver evaluates f(z_s) (``offer(..., is_seed=True)``, which every solver does before
+    any other iterate) its score is r(z_s), a bound that is never compared with another iterate;
+    from then on every candidate is scored by its own residual. An image whose best residual falls
+    below ``tol`` is done: its best iterate and its updates are frozen, so each image follows
+    exactly the path it would follow alone."""
 
     def __init__(self, z_s: Tensor, r0: Tensor, tol: float):
         res0 = per_image_residual(r0)
         self.z = (z_s - r0).detach().clone()
         self.res = res0.clone()
         self.tol = tol
+        self.seed_measured = False
         self.done = res0 < tol
         self.hist = [float(res0.mean())]
 
@@ -143,8 +154,11 @@ class _Track:
         return bool(self.done.all())
 
     def offer(self, z: Tensor, r: Tensor, is_seed: bool = False) -> Tensor:
-        """Record iterate ``z`` with residual ``r``; ``is_seed`` when ``z`` is f(z_s) itself (its
-        measured residual then replaces the bound). Returns the per-image residual."""
+        """Record iterate ``z`` with its own residual ``r``; ``is_seed`` when ``z`` is f(z_s) itself
+        (its measured residual then replaces the bound). Returns the per-image residual."""
+        if not (is_seed or self.seed_measured):
+            raise RuntimeError("a solver compared an iterate with the DDIM seed before evaluating the seed")
+        self.seed_measured = True
         res = per_image_residual(r)
         live = ~self.done
         take = live & torch.isfinite(res) & ((res < self.res) | is_seed)
@@ -153,6 +167,11 @@ class _Track:
         self.hist.append(float(torch.where(live, res, self.res).mean()))
         self.done = self.done | (self.res < self.tol)
         return res
+
+    def measure_seed(self, step: "_Step") -> None:
+        """Evaluate the DDIM seed f(z_s) (one forward call) and score it by its own residual."""
+        with torch.no_grad():
+            self.offer(self.z, self.z - step.f(self.z), is_seed=True)
 
     def step(self, z: Tensor, new: Tensor) -> Tensor:
         """``new`` where the image is still running, ``z`` where it is done."""
@@ -202,14 +221,18 @@ def _residual(step: _Step, z: Tensor, grad_context: GradContext) -> tuple[Tensor
 def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """RNRI eq. 8, per image: z_i <- z_i - F(z) / (d (g_i + eta)), g = dF/dz by autograd through
     the model (dF/dz = (dr/dz)^T sign(r) + lambda (z - m) / v, one prompt branch per backward
-    pass: :func:`_residual`), d the number of elements of one image, from z^0 = z_s. The sign of
-    g is kept when adding eta, and each update is clamped to ``max_update``."""
+    pass: :func:`_residual`), d the number of elements of one image, from z^0 = z_s (the paper's
+    Fig. 2). The sign of g is kept when adding eta, and each update is clamped to ``max_update``.
+    The DDIM seed f(z_s) is evaluated after the first residual (one forward call), so that the best
+    iterate is chosen by each candidate's own residual."""
     z, track = step.z_s.detach().clone(), None
     d = z[0].numel()
     for k in range(cfg.iterations):
         r, vjp = _residual(step, z, grad_context)
         if track is None:
             track = _Track(step.z_s, r, cfg.tol)
+            if not track.all_done:
+                track.measure_seed(step)
         else:
             track.offer(z, r)
         if track.all_done:
@@ -228,30 +251,54 @@ def solve_rnri(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tup
 
 
 def solve_rnri_jacobian_free(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
-    """The authors' public RNRI code: ``iterations`` Jacobian-free updates
-    z <- z - F / (d (g + eta)) with g = sign(r) + lambda (z - m) / v (no backward pass through the
-    model), then f(z^K) is returned: K + 1 model calls. The reported residual is that of z^K (the
-    code does not evaluate f(f(z^K)))."""
-    z = step.z_s.detach().clone()
+    """The authors' public RNRI code (dvirsamuel/NewtonRaphsonInversion, ``inversion_step`` of
+    src/sdxl_inversion_pipeline.py), line for line, in this module's DDIM coordinates z = sqrt(a) x
+    (their latents x are Euler's: x = z / sqrt(a) at every level). From their start, the previous
+    latent x_s, which is z^0 = sqrt(a_t / a_s) z_s here (the prior mean, where the paper's Fig. 2
+    reads z^0 = z_s), for k = 0..K-1:
+
+    - one model call, detached: f(z^k);
+    - F_k = sum_i |f(z^k) - z^k|_i / sqrt(a_t) + lambda sum_i 0.5 (f(z^k) - sqrt(a_t) z_clean)_i^2 / (1 - a_t):
+      their objective, the prior centred on the clean latent and evaluated at the detached f(z^k)
+      (so it adds nothing to the gradient), not the paper's q(z | z_s) at z (eq. 7);
+    - the best f(z^k) by F_k / d (their ``score``) is what the step returns;
+    - the update z^{k+1} = z^k - sqrt(a_t) (F_k / d) / sign(z^k - f(z^k)) (their
+      ``latent - (1 / (64*64*4)) * (l / latent.grad)``, d = the elements of one image instead of
+      the hard-coded 64*64*4), skipped where the sign is 0 (their code divides by zero there) and
+      after the last call (their last update is computed and discarded).
+
+    So K iterations are K model calls and K - 1 effective updates; per image, where they score
+    the batch. ``eta``, ``max_update`` and ``tol`` are not used (the authors have none). The
+    reported residual is that of the chosen z^k (f(f(z^k)) is never evaluated). Without
+    ``cfg.z_clean`` the prior is centred on 0."""
+    if cfg.iterations <= 0:
+        with torch.no_grad():
+            r = step.z_s - step.f(step.z_s)
+        return _Track(step.z_s, r, cfg.tol).result()
+    a_t = step.a_t
+    z = math.sqrt(a_t / step.a_s) * step.z_s.detach()
     d = z[0].numel()
+    centre = math.sqrt(a_t) * (cfg.z_clean.to(z) if cfg.z_clean is not None else torch.zeros_like(z))
+    best, best_score, best_res, hist = None, None, None, []
     with torch.no_grad():
-        fz = step.f(z)
-        r = z - fz
-        track = _Track(step.z_s, r, cfg.tol)
         for k in range(cfg.iterations):
-            if k > 0:
-                fz = step.f(z)
-                r = z - fz
-                track.hist.append(float(per_image_residual(r).mean()))
-            F = r.abs().flatten(1).sum(1) + cfg.lam * step.prior_nll(z)
-            g = torch.sign(r) + cfg.lam * step.prior_grad(z)
-            denom = g + cfg.eta * torch.where(g >= 0, 1.0, -1.0)
-            z = z - ((_per_image(F, z) / d) / denom).clamp(-cfg.max_update, cfg.max_update)
-        if cfg.iterations > 0:
             fz = step.f(z)
             r = z - fz
-    res = per_image_residual(r)
-    return fz.detach(), track.hist + ([float(res.mean())] if cfg.iterations > 0 else []), float(res.mean())
+            res = per_image_residual(r)
+            hist.append(float(res.mean()))
+            F = (r.abs().flatten(1).sum(1) / math.sqrt(a_t)
+                 + cfg.lam * 0.5 * ((fz - centre) ** 2).flatten(1).sum(1) / max(1.0 - a_t, 1e-12))
+            score = F / d
+            if best is None:
+                best, best_score, best_res = fz.clone(), score.clone(), res.clone()
+            else:
+                take = score < best_score
+                best[take], best_score[take], best_res[take] = fz[take], score[take], res[take]
+            if k + 1 < cfg.iterations:
+                sign = torch.sign(r)
+                step_x = torch.where(sign != 0, _per_image(F / d, z) / torch.where(sign != 0, sign, 1.0), 0.0)
+                z = z - math.sqrt(a_t) * step_x
+    return best.detach(), hist, float(best_res.mean())
 
 
 def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
@@ -271,7 +318,8 @@ def solve_fixed_point(step: _Step, cfg: SolverConfig, grad_context: GradContext)
 
 def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """Gradient descent z <- z - lr * grad 0.5 ||z - f(z)||^2 = (dr/dz)^T r from z^0 = z_s
-    (ExactDPM-style baseline; one prompt branch per backward pass, :func:`_residual`)."""
+    (ExactDPM-style baseline; one prompt branch per backward pass, :func:`_residual`); the DDIM
+    seed is evaluated after the first residual, as in :func:`solve_rnri`."""
     z, track = step.z_s.detach().clone(), None
     for k in range(cfg.iterations + 1):
         last = k == cfg.iterations
@@ -282,6 +330,8 @@ def solve_gradient_descent(step: _Step, cfg: SolverConfig, grad_context: GradCon
             r, vjp = _residual(step, z, grad_context)
         if track is None:
             track = _Track(step.z_s, r, cfg.tol)
+            if not last and not track.all_done:
+                track.measure_seed(step)
         else:
             track.offer(z, r)
         if last or track.all_done:
@@ -314,16 +364,21 @@ def _lstsq_per_image(A: Tensor, b: Tensor) -> Tensor:
 
 def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) -> tuple[Tensor, list[float], float]:
     """Type-II Anderson acceleration of z = f(z), per image (Walker & Ni 2011, beta = 1): with
-    g_k = f(z_k) - z_k and the last m differences dZ, dG of iterates and residuals,
-    gamma = argmin ||g_k - dG gamma||, z_{k+1} = z_k + g_k - (dZ + dG) gamma. Safeguard: an image
-    whose residual grew restarts from the plain fixed-point update of its best iterate."""
+    g_k = f(z_k) - z_k and the last m differences dZ, dG of consecutive evaluated iterates and
+    residuals, gamma = argmin ||g_b - dG gamma||, z_{k+1} = z_b + g_b - (dZ + dG) gamma, anchored at
+    b, the image's best evaluated iterate (z_s included): the current iterate while the residual
+    falls, so that this is plain Anderson then; where it grew, the secant step restarts from the
+    best point with the growth's difference in its history (for an expansive linear map, |J| > 1,
+    that one secant step is exact; a plain fixed-point restart would re-evaluate the same point and
+    add a zero column). The first update is the fixed point z_1 = f(z_s) (DDIM inversion); K
+    iterations are K + 1 model calls and K - 1 secant steps, with min(m, K - 1) columns of history."""
     with torch.no_grad():
         z = step.z_s.detach().clone()
         fz = step.f(z)
         g = fz - z
         track = _Track(z, -g, cfg.tol)
-        best_f = fz.clone()  # f at each image's best evaluated iterate (its fixed-point update)
-        best_f_res = per_image_residual(g)
+        best_z, best_g = z.clone(), g.clone()  # each image's best evaluated iterate and its f(z) - z
+        best_res = per_image_residual(g)
         dZ: list[Tensor] = []
         dG: list[Tensor] = []
         z_prev, g_prev = z, g
@@ -334,33 +389,41 @@ def solve_anderson(step: _Step, cfg: SolverConfig, grad_context: GradContext) ->
             fz = step.f(z)
             g = fz - z
             res = track.offer(z, -g, is_seed=k == 0)
-            improved = res <= best_f_res
-            best_f[improved] = fz[improved]
-            best_f_res = torch.where(improved, res, best_f_res)
+            improved = torch.isfinite(res) & (res <= best_res)
+            best_z[improved], best_g[improved] = z[improved], g[improved]
+            best_res = torch.where(improved, res, best_res)
             if k + 1 == cfg.iterations:
                 break
             dZ.append(_flat(z - z_prev))
             dG.append(_flat(g - g_prev))
             dZ, dG = dZ[-cfg.memory:], dG[-cfg.memory:]
             Zm, Gm = torch.stack(dZ, 2), torch.stack(dG, 2)  # [B, D, m]
-            gamma = _lstsq_per_image(Gm, _flat(g))
-            nxt = (_flat(z) + _flat(g) - ((Zm + Gm) @ gamma[..., None])[..., 0]).reshape(z.shape).to(z)
-            # safeguard: an image whose residual grew takes the fixed-point update of its best iterate
-            nxt = torch.where(_per_image(~improved, z).bool(), best_f, nxt)
+            gamma = _lstsq_per_image(Gm, _flat(best_g))
+            nxt = (_flat(best_z) + _flat(best_g) - ((Zm + Gm) @ gamma[..., None])[..., 0]).reshape(z.shape).to(z)
             z_prev, g_prev = z, g
             z = track.step(z, nxt)
     return track.result()
 
 
+def fd_step(dtype: torch.dtype) -> float:
+    """The relative finite-difference step for a model computing in ``dtype``: sqrt of its machine
+    epsilon (3.5e-4 in float32, 3.1e-2 in float16, 8.8e-2 in bfloat16), the step that balances the
+    truncation error (~h) against the rounding of f (~eps / h)."""
+    return math.sqrt(torch.finfo(dtype).eps) if dtype.is_floating_point else math.sqrt(torch.finfo(torch.float32).eps)
+
+
 def _jvp(step: _Step, z: Tensor, fz: Tensor, v: Tensor, how: str, grad_context: GradContext) -> Tensor:
     """J v with J = df/dz at z: forward-mode autograd through the model, or a finite difference
-    (f(z + h v) - f(z)) / h with h scaled to each image's size (one model call)."""
+    (f(z + h v) - f(z)) / h (one model call) with h = :func:`fd_step` of the predictor's compute
+    dtype (its ``compute_dtype``, else float32) times each image's ||z|| / ||v||: a model that
+    computes in bfloat16 rounds f at 8e-3 relative, so the float32 step would be mostly rounding."""
     if how == "autograd":
         with grad_context():
             jv = torch.func.jvp(step.f, (z.detach(),), (v.detach(),))[1]
         return jv.detach()
+    rel = fd_step(getattr(step.predictor, "compute_dtype", None) or torch.float32)
     scale = z.flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-30)
-    h = _per_image(1e-3 * scale.clamp_min(1e-3), z)
+    h = _per_image(rel * scale.clamp_min(1e-3), z)
     with torch.no_grad():
         return (step.f(z + h * v) - fz) / h
 
@@ -437,6 +500,8 @@ def iterative_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, 
     ts = grid.timesteps[::-1]
     ab = grid.alphas_cumprod[::-1]
     z = z0.float()
+    if method == "rnri_jacobian_free" and cfg.z_clean is None:
+        cfg = dataclasses.replace(cfg, z_clean=z)
     traj, report = [z], StepReport()
     for i in range(1, len(ts)):
         step = _Step(predictor, z, ts[i], ab[i - 1], ab[i], cond, uncond, guidance)
@@ -476,11 +541,15 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
                        inner_steps: int = 10, lr: float = 1e-2, tol: float = 1e-5,
                        callback: StepCallback = None, grad_context: GradContext = torch.enable_grad,
                        ) -> tuple[list[Tensor], list[float]]:
-    """Per sampling step, optimise the unconditional embedding with Adam so that one guided
-    DDIM step from the current latent lands on the pivot (the DDIM inversion at guidance 1),
-    then take that step with the optimised embedding. Early stop per step when the loss falls
-    below ``tol + j * 2e-5`` (the authors' schedule). Returns the per-step embeddings (sampling
-    order) and the final per-step losses."""
+    """Null-text inversion (Mokady et al. 2023, Alg. 1) on the authors' schedule
+    (google/prompt-to-prompt, ``NullInversion.null_optimization``): at sampling step i (0 = the
+    noisiest), a fresh Adam with learning rate ``lr * (1 - i / 100)`` optimises the unconditional
+    embedding so that one guided DDIM step from the current latent lands on the pivot (the DDIM
+    inversion at guidance 1); each inner iteration takes its Adam step and then stops the loop once
+    the loss it measured is below ``tol + i * 2e-5``. The step is then taken with the optimised
+    embedding. Gradients are taken with respect to the embedding alone (``torch.autograd.grad``),
+    so a model whose weights require grad gains no ``.grad``. Returns the per-step embeddings
+    (sampling order) and the last measured loss per step."""
     if guidance == 1.0:  # eps = eps_c: the unconditional embedding has no effect to optimise
         return [null_embedding.detach().float().clone() for _ in range(grid.steps)], [0.0] * grid.steps
     keep = list(pivot)[::-1]  # sampling order: keep[0] is z_T
@@ -494,18 +563,17 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
             with torch.no_grad():
                 e_c = predictor(z, ts[i], [cond])[0].float()
             var = emb.clone().requires_grad_(True)
-            opt = torch.optim.Adam([var], lr=lr)
+            opt = torch.optim.Adam([var], lr=lr * (1.0 - i / 100.0))
             loss_val = float("inf")
             for j in range(inner_steps):
                 e_u = predictor(z, ts[i], [make_uncond(var)])[0].float()
                 eps = e_u + guidance * (e_c - e_u)
                 loss = ((ddim_step(z, eps, ab[i], ab[i + 1]) - target) ** 2).mean()
-                loss_val = float(loss.detach())
-                if loss_val < tol + j * 2e-5:
-                    break
-                opt.zero_grad()
-                loss.backward()
+                (var.grad,) = torch.autograd.grad(loss, [var])
                 opt.step()
+                loss_val = float(loss.detach())
+                if loss_val < tol + i * 2e-5:
+                    break
             emb = var.detach().clone()
         with torch.no_grad():
             e_u = predictor(z, ts[i], [make_uncond(emb)])[0].float()

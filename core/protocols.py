@@ -18,6 +18,10 @@ class NoisePredictor(Protocol):
     handles in as few model calls as they can (one batched UNet call in the ComfyUI glue).
     Implementations must be differentiable in ``z`` (and in any tensor a handle carries)
     when called with gradients enabled.
+
+    Optional attribute ``compute_dtype``: the dtype the model computes in (bfloat16 for Flux as
+    usually loaded), where it differs from the float32 of the latents; finite differences size
+    their step by it (core/inversion.py :func:`fd_step`).
     """
 
     def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor: ...

@@ -8,7 +8,9 @@ Guidance with a proximal operator on the guidance direction d = eps_tar - eps_sr
 with hard thresholding (the l0 prox, d * 1[|d| > thr]) or soft thresholding (the l1 prox,
 sign(d) max(|d| - thr, 0)); thr is a quantile of |d| over each image of the target branch, or a
 fixed value. The edited region M = 1[|d| > thr], dilated by a (2r+1) max-pool, and its complement
-drive two guidances that pull the unedited region back to the source for t < T_rec:
+drive two guidances that pull the unedited region back to the source for t < T_rec (T_rec = 400 of
+Stable Diffusion's 1000 timesteps; here a noise level, abar > :func:`sd_equivalent_abar` (T_rec), so
+that it means the same on every model family's grid):
 
 - inversion guidance (main paper): z_{t-1} <- z_{t-1} - eta (1 - M) (z_{t-1} - z*_{t-1}) with the
   stored inversion trajectory z*;
@@ -31,6 +33,7 @@ from .ddim import ddim_step, predicted_x0
 from .inversion import apply_noise_map, ddpm_posterior
 from .protocols import NoisePredictor, StepCallback
 from .result import InversionResult
+from .schedule import scaled_linear_alphas_cumprod
 
 Tensor = torch.Tensor
 QUANTILE_MAX_ELEMENTS = 2 ** 24
@@ -91,11 +94,34 @@ def slerp(alpha: float, a: Tensor, b: Tensor) -> Tensor:
     return out.reshape(a.shape).to(a.dtype)
 
 
+def sd_equivalent_abar(t_rec: int) -> float:
+    """The noise level (abar) of "timestep t_rec" on Stable Diffusion 1.5's 1000-level scaled-linear
+    table, the table the paper's T_rec = 400 counts on: guidance applies at the levels with
+    abar > this. It is the level halfway between timesteps t_rec - 1 and t_rec, so every SD-table
+    timestep compares as ``t < t_rec`` did (with ComfyUI's float32 sigmas too), while any other grid
+    (SD3's and Flux's flow times, whose abar is (1 - s)^2 / ((1 - s)^2 + s^2)) is compared by noise
+    level: 400 -> abar 0.425, flow time s 0.538. t_rec <= 0 gives 1 (never guided), >= 1000 gives 0
+    (always guided)."""
+    table = scaled_linear_alphas_cumprod()
+    t = int(round(float(t_rec)))
+    if t <= 0:
+        return 1.0
+    if t >= len(table):
+        return 0.0
+    return 0.5 * (float(table[t - 1]) + float(table[t]))
+
+
+REC_ABAR_DEFAULT = sd_equivalent_abar(400)  # the paper's T_rec = 400: abar 0.425
+
+
 @dataclass
 class ProxConfig:
     """guidance w; prox "hard"/"soft"/"none" (plain CFG); threshold as a quantile (``quantile``) of
     |d| or a fixed value (``fixed_threshold`` when not None); mask dilation radius; inversion and
-    reconstruction guidance step sizes (0 = off) applied while the model timestep is below ``t_rec``."""
+    reconstruction guidance step sizes (0 = off) applied at the steps whose level is less noisy than
+    ``rec_abar`` (abar_t > rec_abar; :func:`sd_equivalent_abar` converts SD's timestep T_rec, and 0
+    guides every step, 1 none). A noise level, not a table index: a model's timestep counts on its
+    own table (Flux: 10,000 levels), so "t < 400" meant a different level on every family."""
 
     guidance: float = 7.5
     prox: str = "hard"
@@ -104,7 +130,7 @@ class ProxConfig:
     dilation: int = 1
     inversion_guidance: float = 0.0
     reconstruction_guidance: float = 0.0
-    t_rec: int = 400
+    rec_abar: float = REC_ABAR_DEFAULT
 
 
 def proximal_eps(e_src: Tensor, e_tar: Tensor, cfg: ProxConfig) -> tuple[Tensor, Tensor]:
@@ -119,23 +145,33 @@ def proximal_eps(e_src: Tensor, e_tar: Tensor, cfg: ProxConfig) -> tuple[Tensor,
     return e_src + cfg.guidance * PROX[cfg.prox](d, thr), edit_mask(d, thr, cfg.dilation)
 
 
+def _same_handle(a: Any, b: Any) -> bool:
+    """Whether two conditioning handles name the same prompt: the same object, or equal names."""
+    return a is b or (isinstance(a, str) and isinstance(b, str) and a == b)
+
+
 def edit_predict(predictor: NoisePredictor, z: Tensor, z_src: Tensor, t: int, base: Any, tar: Any,
                  control: Optional[AttentionController] = None, source: Any = None,
                  step: int = 0) -> tuple[Tensor, Tensor]:
     """(eps_base, eps_tar) at the edited latent ``z``, with the attention control's source branch
     (prompt ``source`` on the stored inversion latent ``z_src``) evaluated first when the step needs
-    it: one predictor call [base, tar], plus one [source (, base)] call under attention control."""
+    it: one predictor call [base, tar], plus one [source (, base)] call under attention control.
+    When the base branch is the source prompt itself (Prox-NPI) and MasaCtrl edits the base branch,
+    [source, base] would be the same prompt on the same latent twice: the capture evaluates it once
+    and its keys/values serve both branches."""
     if control is None:
         e = predictor(z, t, [base, tar])
         return e[0], e[1]
     control.begin_step(step)
     try:
         if control.active():
-            conds, roles = [source], [SOURCE]
+            conds, roles, shared = [source], [SOURCE], False
             if control.needs_source_base():
-                conds.append(base)
-                roles.append(SOURCE_BASE)
-            control.capture(roles)
+                shared = _same_handle(base, source)
+                if not shared:
+                    conds.append(base)
+                    roles.append(SOURCE_BASE)
+            control.capture(roles, base_is_source=shared)
             predictor(z_src, t, conds)
         control.inject([BASE, TARGET])
         e = predictor(z, t, [base, tar])
@@ -158,7 +194,7 @@ def edit_step(predictor: NoisePredictor, result: InversionResult, z: Tensor, i: 
     e_src, e_tar = edit_predict(predictor, z, keep[i].to(z), t, src, tar, control, source, i)
     eps, m = proximal_eps(e_src.float(), e_tar.float(), cfg)
     unedited = 1.0 - m
-    guided = t < cfg.t_rec
+    guided = ab_t > cfg.rec_abar
     if cfg.reconstruction_guidance > 0 and guided:
         x0 = predicted_x0(z, eps, ab_t)
         x0 = x0 - cfg.reconstruction_guidance * unedited * (x0 - result.z0.to(x0))

@@ -7,10 +7,19 @@ LATENT convention, core loops to a SAMPLER.
 Sigma space. ComfyUI's discrete-time models are k-diffusion models: a latent ``x`` at noise level
 ``sigma`` is ``x = z_t * sqrt(1 + sigma^2)`` where ``z_t`` is the DDPM latent and
 ``sigma_t = sqrt((1 - abar_t) / abar_t)``; the model returns the denoised ``x0`` and
-``eps = (x - x0) / sigma``. Sigmas are taken from the model's own ``model_sampling`` table, so
-that ComfyUI maps them back to exactly the integer timestep we mean. This holds for epsilon and
-v-prediction models alike (ComfyUI's denoised output already accounts for the parameterisation)
-and for LCM's distilled sampling table.
+``eps = (x - x0) / sigma``. Grids made from a step count take the model's own ``model_sampling``
+table, so that ComfyUI maps them back to exactly the integer timestep we mean. This holds for
+epsilon and v-prediction models alike (ComfyUI's denoised output already accounts for the
+parameterisation) and for LCM's distilled sampling table.
+
+Levels. A grid's timesteps are :class:`GridLevel` objects: the model timestep (an int, as core/ and the
+NoisePredictor protocol use it) carrying the grid's exact level, the DDPM sigma its abar belongs to.
+The predictors evaluate the model at that level, never at the table entry of the timestep index,
+so a model is never evaluated at one level and stepped at another: SIGMAS off the table reach the
+model exactly as given (as ComfyUI's samplers keep them; flow time is continuous), and a MODEL
+patched to another shift than the inversion's (ModelSamplingSD3, ModelSamplingFlux at another
+resolution) is evaluated at the inversion's levels, which for a flow model is the same network at
+the same flow time.
 
 Flow-matching models (SD3/SD3.5's discrete flow, Flux; ComfyUI's CONST prediction): a latent
 ``x = (1 - s) x0 + s eps`` at flow time ``s`` with the model predicting v = eps - x0 is the DDPM
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -122,6 +132,19 @@ def comfy_sigma_table(model) -> Tensor:
         return ms.sigma(torch.arange(T, dtype=torch.float32, device=ms.sigmas.device)).float().cpu()
 
 
+def model_compute_dtype(model) -> torch.dtype:
+    """The dtype the diffusion model computes in: ComfyUI's manual-cast dtype where the weights are
+    stored in another (fp8, GGUF), else the weights' dtype; 8-bit storage without a cast computes
+    in bfloat16. Finite differences size their step by it (core/inversion.py fd_step)."""
+    inner = getattr(model, "model", model)
+    dt = getattr(inner, "manual_cast_dtype", None)
+    if dt is None and hasattr(inner, "get_dtype"):
+        dt = inner.get_dtype()
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        return torch.float32
+    return torch.bfloat16 if dt.itemsize == 1 else dt
+
+
 def model_sigma_table(model) -> Tensor:
     """The DDPM sigma_t = sqrt((1 - abar_t) / abar_t) for every model timestep t = 0..T-1: ComfyUI's
     sigmas for discrete models, s / (1 - s) (float64 arithmetic; inf at s = 1) for flow models."""
@@ -168,20 +191,50 @@ def make_grid(model, steps: int, spacing: str = "auto") -> TimestepGrid:
         ts = core_schedule.timestep_spacing(steps, T, spacing, steps_offset=1 if spacing == "leading" else 0)
     except ValueError as exc:
         raise InverseInputError(f"steps/spacing: {exc}") from None
-    return TimestepGrid.from_schedule(model_alphas_cumprod(model), ts)
+    table = model_sigma_table(model)
+    ac = model_alphas_cumprod(model)
+    return TimestepGrid(tuple(GridLevel(t, float(table[t])) for t in ts) + (core_schedule.CLEAN,),
+                        tuple(float(ac[t]) for t in ts) + (1.0,))
+
+
+class GridLevel(int):
+    """A grid's timestep: the model timestep ``t`` (an int, as core/ and the NoisePredictor protocol
+    use it; arithmetic on it gives plain ints) that carries the grid's exact level ``sigma``, the
+    DDPM sigma whose abar = 1 / (1 + sigma^2) the grid steps with. The predictors evaluate the model
+    at ``sigma`` (:func:`level_sigma`), so the level a model is called at is always the level the
+    step is taken at, whatever the model's own table holds at index ``t`` (another shift) and
+    whether or not ``sigma`` is on that table at all (a SIGMAS input)."""
+
+    sigma: float
+
+    def __new__(cls, t: int, sigma: float):
+        level = super().__new__(cls, int(t))
+        level.sigma = float(sigma)
+        return level
+
+    def __reduce__(self):
+        return GridLevel, (int(self), self.sigma)
+
+
+def level_sigma(t, table: Tensor) -> float:
+    """The DDPM sigma a predictor evaluates timestep ``t`` at: a :class:`GridLevel`'s own level, else
+    (a plain int) the model's table at ``t``."""
+    sigma = getattr(t, "sigma", None)
+    return float(sigma) if sigma is not None else float(table[int(t)])
 
 
 def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
-    """The grid of a SIGMAS input (either order), snapped to the model's timesteps; a final 0
-    means the clean level."""
+    """The grid of a SIGMAS input (either order) at exactly its levels (ComfyUI's sigmas; the flow
+    time s for flow models), each a :class:`GridLevel` on the model timestep ComfyUI maps it to (the
+    nearest of the table's for a flow model); a final 0 means the clean level."""
     s = [float(v) for v in sigmas.flatten().tolist()]
     if len(s) < 2:
         raise InverseInputError("sigmas: need at least two sigmas (one step).")
     if s[0] < s[-1]:
         s = s[::-1]
     ms = model_sampling_of(model)
-    table = model_sigma_table(model)
     flow = is_flow_model(model)
+    coords = coords_of(model)
     levels, top = comfy_sigma_table(model).double(), usable_timesteps(model) - 1
     ts, ab = [], []
     for v in s:
@@ -189,7 +242,7 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
             ts.append(core_schedule.CLEAN)
             ab.append(1.0)
             continue
-        if flow:  # the nearest level of the model's table
+        if flow:
             if v > FLOW_MAX_S + 1e-6:
                 raise InverseInputError(
                     f"sigmas: this flow model's schedule starts at {v:.4g}; a latent at s = 1 is pure noise (ComfyUI "
@@ -199,8 +252,9 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
             t = min(int((levels - v).abs().argmin()), top)
         else:
             t = int(ms.timestep(torch.tensor([v], device=ms.sigmas.device)).item())
-        ts.append(t)
-        ab.append(1.0 / (1.0 + float(table[t]) ** 2))
+        sigma = coords.ddpm_sigma(v)
+        ts.append(GridLevel(t, sigma))
+        ab.append(1.0 / (1.0 + sigma ** 2))
     if ts[-1] != core_schedule.CLEAN:
         raise InverseInputError("sigmas: the schedule must end at sigma 0 (the clean image); "
                                 "use a full schedule from BasicScheduler or split it with SplitSigmas first.")
@@ -210,11 +264,21 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
         raise InverseInputError(f"sigmas: {exc}") from None
 
 
+def grid_level_sigmas(grid: TimestepGrid) -> list[float]:
+    """The DDPM sigma of every level of ``grid`` (float64, ending with 0): a :class:`GridLevel`'s own,
+    else the one of its abar."""
+    out = []
+    for t, v in zip(grid.timesteps, grid.sigmas().tolist()):
+        sigma = getattr(t, "sigma", None)
+        out.append(float(sigma) if sigma is not None and t != core_schedule.CLEAN else float(v))
+    return out
+
+
 def grid_sigmas(model, grid: TimestepGrid) -> Tensor:
     """SIGMAS for ComfyUI's samplers (float32, descending, ending at 0): the grid's levels in
     ComfyUI's sigmas (flow time s for flow models)."""
     coords = coords_of(model)
-    return torch.tensor([coords.level(float(v)) for v in grid.sigmas()], dtype=torch.float64).float()
+    return torch.tensor([coords.level(v) for v in grid_level_sigmas(grid)], dtype=torch.float64).float()
 
 
 def abar_sigma(abar: float) -> float:
@@ -300,10 +364,14 @@ class ComfyNoisePredictor:
         self.model_options = model_options
         self.device = guider.model_patcher.load_device
         self.sigma_table = model_sigma_table(guider.model_patcher)
+        self.compute_dtype = model_compute_dtype(guider.model_patcher)
         self.coords = coords_of(guider.model_patcher)
         self.alphas_cumprod = core_schedule.alphas_cumprod_from_sigmas(self.sigma_table)
         self.calls = 0          # batched model calls
         self.grad_calls = 0     # of which made with gradients (each followed by a backward pass)
+        self.saved_copies = 0   # saved tensors copied before an in-place write (SavedTensorGuard)
+        self.saved_copy_bytes = 0
+        self._guard_saved = False
         self._on_call = on_call
 
     # latent format (e.g. SD's 0.18215 scale) ------------------------------------------------
@@ -329,8 +397,7 @@ class ComfyNoisePredictor:
     # the protocol ---------------------------------------------------------------------------
     def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        t = int(t)
-        sigma = float(self.sigma_table[t])
+        sigma = level_sigma(t, self.sigma_table)
         x = z.to(self.device, torch.float32) * self.coords.x_scale(sigma)
         sigmas = torch.full((x.shape[0],), self.coords.level(sigma), device=self.device, dtype=torch.float32)
         handles = [c if isinstance(c, Cond) else Cond(str(c)) for c in conds]
@@ -342,7 +409,12 @@ class ComfyNoisePredictor:
         overrides = {i: h for i, h in enumerate(handles) if h.context is not None or h.pooled is not None}
         if overrides:
             options = self._with_overrides(options, overrides)
-        denoised = comfy.samplers.calc_cond_batch(self.inner_model, cond_lists, x, sigmas, options)
+        guard = self._saved_guard()
+        with guard if guard is not None else contextlib.nullcontext():
+            denoised = comfy.samplers.calc_cond_batch(self.inner_model, cond_lists, x, sigmas, options)
+        if guard is not None:
+            self.saved_copies += guard.copies
+            self.saved_copy_bytes += guard.copied_bytes
         self.calls += 1
         tensors = [t for h in overrides.values() for t in (h.context, h.pooled) if t is not None]
         if torch.is_grad_enabled() and (z.requires_grad or any(t.requires_grad for t in tensors)):
@@ -393,15 +465,27 @@ class ComfyNoisePredictor:
     def autograd(self):
         """Run the enclosed calls with gradients, out of inference mode (see module docstring).
         Models whose forward adds in place into tensors autograd has saved (ComfyUI's Flux blocks:
-        ``x += gate * out``) get their saved tensors copied when saved, which gives the gradients
-        of the same computation written out of place (tests/test_flow.py)."""
+        ``x += gate * out``) run each model call that records gradients under a
+        :class:`SavedTensorGuard`, which copies a saved tensor only when such an add is about to
+        overwrite it: the gradients of the same computation written out of place
+        (tests/test_flow.py), without copies of the weights (tests/test_issue20_glue.py). Only the
+        model calls are guarded, not the rest of the enclosed code (e.g. a VAE decoder)."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             make_autograd_safe(self.inner_model)
-            if adds_in_place(self.inner_model):
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_copy_saved, _unpack_saved))
+            before = self._guard_saved
+            self._guard_saved = adds_in_place(self.inner_model)
+            stack.callback(setattr, self, "_guard_saved", before)
             yield self
+
+    def _saved_guard(self):
+        """A :class:`SavedTensorGuard` for one model call, where it needs one: a model that adds in
+        place, called inside :meth:`autograd` with gradients recorded (not under a torch.func
+        transform, which saves nothing for a backward pass)."""
+        if not (self._guard_saved and torch.is_grad_enabled()) or _under_functorch():
+            return None
+        return SavedTensorGuard()
 
 
 IN_PLACE_MODULES = ("comfy.ldm.flux.", "comfy.ldm.chroma.", "comfy.ldm.chroma_radiance.")
@@ -413,12 +497,136 @@ def adds_in_place(inner_model) -> bool:
     return dm is not None and type(dm).__module__.startswith(IN_PLACE_MODULES)
 
 
-def _copy_saved(t: Tensor) -> Tensor:
-    return t.clone()
+def _under_functorch() -> bool:
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:
+        return False
 
 
-def _unpack_saved(t: Tensor) -> Tensor:
-    return t
+def _version(t: Tensor) -> Optional[int]:
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):  # inference tensors keep no version counter
+        return None
+
+
+def _storage_key(t: Tensor) -> Optional[tuple]:
+    try:
+        if t.numel() == 0:
+            return None
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+class _Saved:
+    """What autograd holds for one saved tensor under a :class:`SavedTensorGuard`: the tensor itself
+    (detached: the same memory and version counter, no reference back to the graph) and its version
+    when saved, or the copy made before an in-place write."""
+
+    __slots__ = ("tensor", "version", "copy", "__weakref__")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor.detach()
+        self.version = _version(tensor)
+        self.copy: Optional[Tensor] = None
+
+
+# in-place operations by name: Tensor methods and torch functions ending in "_" (add_, addcmul_,
+# copy_, ...), the augmented assignments and item assignment; plus inplace=True and out= arguments
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                               "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                               "__ilshift__", "__irshift__"})
+
+
+def _written(func, args, kwargs) -> list:
+    name = getattr(func, "__name__", "") or ""
+    targets = []
+    if ((name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+            or kwargs.get("inplace") is True) and args and isinstance(args[0], Tensor):
+        targets.append(args[0])
+    out = kwargs.get("out")
+    if out is not None:
+        targets += [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, Tensor)]
+    return targets
+
+
+class _WriteWatch(torch.overrides.TorchFunctionMode):
+    def __init__(self, guard: "SavedTensorGuard"):
+        super().__init__()
+        self.guard = guard
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.guard.live:
+            for t in _written(func, args, kwargs):
+                self.guard.before_write(t)
+        return func(*args, **kwargs)
+
+
+class SavedTensorGuard:
+    """Copy on write for the tensors autograd saves during one model call, for models whose forward
+    adds in place into tensors it saved (ComfyUI's Flux family: ``x += gate * out``).
+
+    A saved tensor is kept as it is, uncopied, until an in-place operation (seen through a
+    TorchFunctionMode: ``add_``, ``+=``, item assignment, ``inplace=True``, ``out=``) is about to write
+    into its memory; only then is it copied, so the backward pass sees the values the forward used, as
+    if the model were written out of place, with a bit-identical gradient. The weights every linear
+    layer saves are never written, so never copied (nor GGUF weights, whose clone() returns
+    themselves, nor weights ComfyUI's cast_to passes through). A saved tensor that something the guard
+    did not see wrote into (its version counter moved) stops the backward pass with an error rather
+    than a wrong gradient. ``copies`` and ``copied_bytes`` count the copies."""
+
+    def __init__(self):
+        self.live: dict = {}  # storage -> weak references to the _Saved entries that read it
+        self.copies = 0
+        self.copied_bytes = 0
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def __enter__(self) -> "SavedTensorGuard":
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
+        stack.enter_context(_WriteWatch(self))
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return self._stack.__exit__(*exc)
+        finally:
+            self._stack = None
+            self.live.clear()  # writes after the call are not seen: the version check covers them
+
+    def _pack(self, t: Tensor) -> _Saved:
+        entry = _Saved(t)
+        key = _storage_key(t)
+        if key is not None:
+            self.live.setdefault(key, []).append(weakref.ref(entry))
+        return entry
+
+    @staticmethod
+    def _unpack(entry: _Saved) -> Tensor:
+        if entry.copy is not None:
+            return entry.copy
+        if entry.version is not None and _version(entry.tensor) != entry.version:
+            raise RuntimeError(
+                "a tensor saved for the backward pass was modified in place by an operation the glue's "
+                "SavedTensorGuard did not see (nodes/comfy_glue.py); the gradient would be wrong.")
+        return entry.tensor
+
+    def before_write(self, t: Tensor) -> None:
+        refs = self.live.pop(_storage_key(t), None)
+        for ref in refs or ():
+            entry = ref()
+            if entry is None or entry.copy is not None:
+                continue
+            if entry.version is not None and _version(entry.tensor) != entry.version:
+                continue  # already written unseen: the backward pass will stop at it
+            with torch.no_grad():
+                entry.copy = entry.tensor.clone()
+            self.copies += 1
+            self.copied_bytes += entry.copy.numel() * entry.copy.element_size()
 
 
 def make_autograd_safe(module: torch.nn.Module) -> int:
@@ -581,15 +789,17 @@ class KDiffusionPredictor:
     """A NoisePredictor over a k-diffusion denoiser (what a SAMPLER receives: the guider's
     CFG-combined prediction). It has a single conditioning handle, ``None``."""
 
-    def __init__(self, denoiser, extra_args: dict, sigma_table: Tensor, coords: Coords = Coords(False)):
+    def __init__(self, denoiser, extra_args: dict, sigma_table: Tensor, coords: Coords = Coords(False),
+                 compute_dtype: torch.dtype = torch.float32):
         self.denoiser = denoiser
         self.extra_args = extra_args
         self.sigma_table = sigma_table
         self.coords = coords
+        self.compute_dtype = compute_dtype
 
     def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        sigma = float(self.sigma_table[int(t)])
+        sigma = level_sigma(t, self.sigma_table)
         x = z * self.coords.x_scale(sigma)
         s = torch.full((x.shape[0],), self.coords.level(sigma), device=x.device, dtype=x.dtype)
         denoised = self.denoiser(x, s, **self.extra_args)
@@ -609,7 +819,8 @@ def make_inversion_sampler(invert: Callable) -> comfy.samplers.KSAMPLER:
             check_diffusion_model(patcher)
             grid = grid_from_sigmas(patcher, sigmas)
             coords = coords_of(patcher)
-            predictor = KDiffusionPredictor(model_wrap, extra_args, model_sigma_table(patcher), coords)
+            predictor = KDiffusionPredictor(model_wrap, extra_args, model_sigma_table(patcher), coords,
+                                            model_compute_dtype(patcher))
             z0 = latent_image.float() if latent_image is not None else torch.zeros_like(noise)
 
             def cb(i, total, z):  # SamplerCustomAdvanced's callback drives the progress bar
@@ -856,16 +1067,29 @@ def _roles(controller, transformer_options) -> list:
     return [controller.roles[j] if j < len(controller.roles) else None for j in index]
 
 
+def image_self_attention_blocks(model) -> set:
+    """The blocks (:func:`dit_blocks` keys) of an MM-DiT that also run an image-only self-attention
+    (SD3.5's ``x_block.attn2``: blocks 0-12 of SD3.5 medium), after the block's joint attention."""
+    dm = getattr(model.model, "diffusion_model", None)
+    return {("double_block", i) for i, b in enumerate(getattr(dm, "joint_blocks", None) or [])
+            if getattr(getattr(b, "x_block", None), "x_block_self_attn", False)}
+
+
 def _with_joint_attention_control(model, controller, blocks):
     """:func:`with_attention_control` for a joint-attention transformer (Flux, MM-DiT): a "dit" block
     patch on every block records where the image tokens sit in its joint sequence (the prompt's
     first, the image's after them; Flux's double blocks may flip the two), and an
     ``optimized_attention_override`` sends that block's joint attention through the controller
-    (:meth:`core.attention_control.AttentionController.attend_joint`); every other attention call,
+    (:meth:`core.attention_control.AttentionController.attend_joint`), and SD3.5's image-only
+    self-attention of the same block too (all its tokens are image tokens; the controller keeps its
+    keys/values apart from the joint attention's), so MasaCtrl acts on every self-attention of the
+    image in the blocks it controls. An attention mask of the whole batch (Flux's ``attention_mask``
+    conditioning) reaches each chunk's attention as that chunk's rows. Every other attention call,
     and every call outside an edit, goes to the attention it would have used (an earlier override
     included). The shared model is not changed."""
     dm = model.model.diffusion_model
     order = {key: n for n, key in enumerate(blocks)}
+    image_only = image_self_attention_blocks(model)
     clone = model.clone()
     state: dict = {}
 
@@ -892,24 +1116,41 @@ def _with_joint_attention_control(model, controller, blocks):
     earlier = clone.model_options.get("transformer_options", {}).get("optimized_attention_override")
 
     def override(func, q, k, v, *rest, **kwargs):
-        def plain(q_, k_, v_):  # the attention this call would have run (heads etc. in rest / kwargs)
+        def run(q_, k_, v_, kw):  # the attention this call would have run (heads etc. in rest / kw)
             if earlier is not None:
-                return earlier(func, q_, k_, v_, *rest, **kwargs)
-            return func(q_, k_, v_, *rest, **kwargs)
+                return earlier(func, q_, k_, v_, *rest, **kw)
+            return func(q_, k_, v_, *rest, **kw)
+
+        def plain(q_, k_, v_):
+            return run(q_, k_, v_, kwargs)
 
         block = state.get("block")
         token_dim = 2 if kwargs.get("skip_reshape") else 1  # Flux: [B, heads, L, d]; MM-DiT: [B, L, heads d]
-        if block is None or q.shape[token_dim] != block[2]:
+        if block is None:
             return plain(q, k, v)
-        key, image, _ = block
+        key, image, length = block
+        tokens = q.shape[token_dim]
+        if tokens == length:
+            name = key
+        elif key in image_only and tokens == image.stop - image.start:  # SD3.5: the image-only self-attention
+            name, image = (*key, "image"), slice(0, tokens)
+        else:
+            return plain(q, k, v)
         masa = controller.masa
-        if kwargs.get("mask") is not None and masa is not None and "joint" in (masa.strategy, masa.base_strategy):
+        mask = kwargs.get("mask")
+        if mask is not None and masa is not None and "joint" in (masa.strategy, masa.base_strategy):
             # "source" keeps every token where it is (a mask still fits); "joint" appends tokens
             raise InverseInputError("attention_control: MasaCtrl's 'joint' strategy adds the source's image tokens "
                                     "to a masked attention; choose strategy 'source' with attention masks.")
+        roles = _roles(controller, kwargs.get("transformer_options"))
+        chunk_attention = None
+        if isinstance(mask, Tensor) and mask.ndim >= 3 and len(roles) > 1 and mask.shape[0] == q.shape[0]:
+            masks = mask.chunk(len(roles))  # the whole batch's mask: each chunk attends with its own rows
+
+            def chunk_attention(j):
+                return lambda q_, k_, v_: run(q_, k_, v_, dict(kwargs, mask=masks[j]))
         controller.attention = plain
-        return controller.attend_joint(key, order[key], q, k, v, _roles(controller, kwargs.get("transformer_options")),
-                                       image, token_dim)
+        return controller.attend_joint(name, order[key], q, k, v, roles, image, token_dim, chunk_attention)
 
     for key in blocks:
         clone.set_model_patch_replace(block_patch(key), "dit", key[0], key[1])
@@ -935,9 +1176,9 @@ class EditGuider(comfy.samplers.CFGGuider):
         self.result = result
         self.step = step
         self._device_result = None
-        table = comfy_sigma_table(model)
         self.coords = coords_of(model)
-        self._levels = [float(table[int(t)]) for t in result.grid.timesteps[:-1]]
+        # the inversion's own levels (its SIGMAS output), whatever this model's table holds
+        self._levels = [float(v) for v in grid_sigmas(model, result.grid)[:-1]]
 
     def _grid_index(self, sigma: float) -> int:
         grid = self.result.grid

@@ -230,11 +230,15 @@ def _prox_inputs() -> list:
         io.Int.Input("dilation", default=1, min=0, max=8, tooltip="Radius of the edit-mask dilation (max-pool)."),
         io.Float.Input("inversion_guidance", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="eta of inversion guidance: pull the unedited region to the inversion trajectory while "
-                               "t < t_rec (0 = off; 0.1-1)."),
+                               "the noise level is below t_rec's (0 = off; 0.1-1)."),
         io.Float.Input("reconstruction_guidance", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="eta of reconstruction guidance on the predicted x0 (supplement Alg. 2; 0.1)."),
+                       tooltip="eta of reconstruction guidance on the predicted x0 while the noise level is below "
+                               "t_rec's (supplement Alg. 2; 0.1)."),
         io.Int.Input("t_rec", default=400, min=0, max=1000,
-                     tooltip="Guidances act while the model timestep is below this (paper: 400 of 1000)."),
+                     tooltip="SD1.5 timestep equivalent (of SD's 1000) below whose noise level the inversion and "
+                             "reconstruction guidances act. 400 (paper): guided while the noise level is below SD's "
+                             "t=400, abar 0.42; the same level on every family, flow time s~0.54 on SD3/Flux (not "
+                             "their own timestep: Flux counts 10,000). 0 = never, 1000 = every step."),
         io.Float.Input("source_null_mix", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Base 'source' only: slerp the source embedding toward the negative one by this amount "
                                "(0 = pure negative-prompt inversion)."),
@@ -302,7 +306,8 @@ class _Edit:
         self.cfg = proxedit.ProxConfig(guidance=guidance, prox=prox, quantile=quantile,
                                        fixed_threshold=fixed_threshold if fixed_threshold > 0 else None,
                                        dilation=dilation, inversion_guidance=inversion_guidance,
-                                       reconstruction_guidance=reconstruction_guidance, t_rec=t_rec)
+                                       reconstruction_guidance=reconstruction_guidance,
+                                       rec_abar=proxedit.sd_equivalent_abar(t_rec))
 
     @staticmethod
     def _check_prompts(control, source, target) -> None:

@@ -184,24 +184,28 @@ class ExactInversion(io.ComfyNode):
                          "of approximating it (RNRI paper eq. 3). anderson (default, the most accurate per model "
                          "call in bench/inversion.py): Anderson-accelerated fixed point; newton_krylov: Newton "
                          "steps solved with GMRES on Jacobian-vector products; fixed_point: AIDI/ReNoise; rnri: "
-                         "Regularized Newton-Raphson (eq. 7-8, gradients through the model); rnri_jacobian_free: "
-                         "the authors' code (no backward pass, returns f(z^K)); gradient_descent: ExactDPM-style. "
+                         "Regularized Newton-Raphson as the paper writes it (eq. 7-8, gradients through the model); "
+                         "rnri_jacobian_free: the authors' public code line for line (no backward pass, the best "
+                         "f(z^k) by their score; often worse than DDIM); gradient_descent: ExactDPM-style. "
                          "Per image, each step stops early once the residual is below the tolerance and returns "
-                         "its best iterate; the report lists the residuals."),
+                         "its best iterate, never worse than DDIM inversion's; the report lists the residuals."),
             inputs=_source_inputs() + [
                 io.Combo.Input("method", options=EXACT_METHODS, default="anderson",
                                tooltip="Solver for each step's implicit equation (see the description)."),
                 io.Int.Input("iterations", default=2, min=0, max=100,
-                             tooltip="Most updates per step. Model calls per step: iterations + 1 (anderson, "
-                                     "fixed_point, rnri_jacobian_free); rnri and gradient_descent: each update adds a "
-                                     "forward and backward pass per CFG branch, one branch at a time so memory stays "
-                                     "that of one branch's graph; "
+                             tooltip="Most updates per step. Model calls per step: iterations + 1 (anderson: the "
+                                     "DDIM estimate, then iterations - 1 secant steps; fixed_point); rnri_jacobian_free: "
+                                     "iterations (the authors' n_iters, 2); rnri and gradient_descent: iterations "
+                                     "forward and backward passes (one CFG branch at a time, so memory stays that of "
+                                     "one branch's graph) plus 2 forward; "
                                      "newton_krylov: 2 + iterations x (krylov + 1)."),
                 io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
-                               tooltip="Stop an image's step once its mean|z - f(z)| is below this."),
+                               tooltip="Stop an image's step once its mean|z - f(z)| is below this (not used by "
+                                       "rnri_jacobian_free, as in the authors' code)."),
                 io.Float.Input("lambda_prior", default=0.1, min=0.0, max=10.0, step=0.01,
-                               tooltip="RNRI's weight of the Gaussian prior of the forward step (eq. 7; paper: "
-                                       "0.1). Used by rnri and rnri_jacobian_free only."),
+                               tooltip="RNRI's weight of the Gaussian prior (eq. 7; paper: 0.1). rnri: q(z | z_s) at "
+                                       "z, with its gradient (the paper); rnri_jacobian_free: centred on the clean "
+                                       "latent, read at the detached f(z) (the authors' code). Used by these two only."),
                 io.Int.Input("adjust_rounds", default=0, min=0, max=10,
                              tooltip="Prompt-aware adjustment (RNRI sec. 4.2): rounds of noising 2 steps and "
                                      "denoising them with the prompt before inverting; 2 helps at high guidance."),
@@ -277,9 +281,11 @@ class NullTextInversion(io.ComfyNode):
                 io.Int.Input("inner_steps", default=10, min=1, max=200,
                              tooltip="Most Adam iterations per step (paper: 10)."),
                 io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=1e-4, round=1e-5,
-                               tooltip="Adam learning rate (paper: 0.01)."),
+                               tooltip="Adam learning rate at the first step (paper: 0.01); at diffusion step i it is "
+                                       "this x (1 - i/100), the authors' schedule."),
                 io.Float.Input("tolerance", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
-                               tooltip="Early stop of a step once the loss is below this (+2e-5 per iteration)."),
+                               tooltip="Early stop of step i once the loss is below this + i x 2e-5 (the authors' "
+                                       "schedule; i counts diffusion steps from the noisiest)."),
             ],
             outputs=_result_outputs(),
         )

@@ -253,9 +253,10 @@ def unet_layout(channels: int, context: int, adm: int | None, depth: list, middl
     return cfg
 
 
-def random_model(config_cls, unet_config: dict, seed: int):
+def random_model(config_cls, unet_config: dict, seed: int, dtype=None):
     """A ModelPatcher of ComfyUI's model class for ``config_cls`` (e.g. supported_models.SDXL),
-    float32, weights from :func:`init_random`; also returns the model config."""
+    float32 (or ``dtype``: the weights drawn in float32, then rounded), weights from
+    :func:`init_random`; also returns the model config."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import torch
@@ -264,25 +265,34 @@ def random_model(config_cls, unet_config: dict, seed: int):
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     init_random(model.diffusion_model, seed)
+    if dtype is not None and dtype != torch.float32:
+        model_config.set_inference_dtype(dtype, None)
+        model.diffusion_model.to(dtype)
+        model.diffusion_model.dtype = dtype  # what BaseModel.get_dtype reads, set at construction
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device()), model_config
 
 
-def tiny_flow_model(kind: str):
+def tiny_flow_model(kind: str, dtype=None):
     """A random-weight flow model built in-process by ComfyUI's own classes, and a function making
     random conditionings of the right shapes (no text encoder): "sd3" (supported_models.SD3: MMDiT
     of depth 2, hidden 128, CLIP-L/G + T5 context width 4096, pooled 2048, shift 3) or "flux"
     (supported_models.Flux: 1 double + 1 single block, hidden 128, guidance embedding; each
-    conditioning carries Flux's guidance 3.5). Call after :func:`start_inprocess`."""
+    conditioning carries Flux's guidance 3.5); "sd35": the "sd3" model in SD3.5 medium's layout, RMS
+    norms on queries and keys and the image-only self-attention (x_block attn2) in its blocks (SD3.5
+    medium: blocks 0-12 of 24; here both). ``dtype``: the weights' and compute dtype (bfloat16 as
+    Flux is usually run). Call after :func:`start_inprocess`."""
     import comfy.supported_models as sm
     import torch
 
-    if kind == "sd3":
+    if kind in ("sd3", "sd35"):
         config, unet = sm.SD3, {
             "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
             "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16, "num_patches": 256,
             "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
             "x_block_self_attn_layers": []}
+        if kind == "sd35":
+            unet.update(qk_norm="rms", x_block_self_attn_layers=[0, 1])
         pooled, extra, seed = 2048, {}, 7
     elif kind == "flux":
         config, unet = sm.Flux, {
@@ -294,7 +304,7 @@ def tiny_flow_model(kind: str):
     else:
         raise ValueError(kind)
     with torch.inference_mode(False):
-        model, _ = random_model(config, unet, seed)
+        model, _ = random_model(config, unet, seed, dtype)
     g = torch.Generator().manual_seed(seed + 1)
 
     def cond():

@@ -638,7 +638,7 @@ def test_every_inversion_and_edit_node_runs_on_both_flow_models(pack, glue, fami
             rec = n.SampleFromInversion.execute(model, pos, res, guidance, 0, negative=neg).args[0]["samples"]
             assert torch.isfinite(rec).all(), method
             errs[method] = _rel(rec, x["samples"])
-            if method != "rnri_jacobian_free":  # which reports z^K's residual, not f(z^K)'s (see core)
+            if method != "rnri_jacobian_free":  # the authors' selection, by their score (see core)
                 steps = list(zip(res.extras["residuals"], res.extras["history"]))
                 assert all(r <= h[0] * (1 + 1e-6) for r, h in steps), (method, steps)  # never above DDIM's
         npi = n.NegativePromptInversion.execute(model, pos, 6, "auto", latent=x).args[0]
@@ -661,8 +661,10 @@ def test_every_inversion_and_edit_node_runs_on_both_flow_models(pack, glue, fami
     out = sd15._guider_sample(pack, (model, None, None, pos, neg), guider, npi)
     assert _rel(out, node) < 1e-4, _rel(out, node)
     # the fixed-point family converges here; RNRI's and gradient descent's few updates on the step
-    # residual (kept only where they lower it, above) need not lower the end-to-end error
-    assert all(errs[m] < errs["euler"] for m in ("anderson", "newton_krylov", "fixed_point", "rnri_jacobian_free")), errs
-    assert all(errs[m] < 1.25 * errs["euler"] for m in inv_nodes.EXACT_METHODS), errs
+    # residual (kept only where they lower it, above) need not lower the end-to-end error; the
+    # authors' Jacobian-free RNRI (their start, objective and selection, no residual check) can be
+    # worse than Euler inversion, as on the reference and the trained testbed (bench/README.md)
+    assert all(errs[m] < errs["euler"] for m in ("anderson", "newton_krylov", "fixed_point")), errs
+    assert all(errs[m] < 1.25 * errs["euler"] for m in inv_nodes.EXACT_METHODS if m != "rnri_jacobian_free"), errs
     after = _weights(model)
     assert not [k for k in before if not torch.equal(before[k], after[k])]
