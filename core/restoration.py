@@ -42,14 +42,29 @@ class DivergenceError(ValueError):
 MAX_LATENT_RMS = 100.0
 
 
-def check_diverged(z: Tensor, step: int, method: str) -> None:
-    """Stop a sampler whose latent is non-finite or whose per-image RMS exceeds MAX_LATENT_RMS."""
+def check_diverged(z: Tensor, step: int, method: str, units: str = "a DDPM latent's is about 1") -> None:
+    """Stop a sampler whose latent is non-finite or whose per-image RMS exceeds MAX_LATENT_RMS.
+    The samplers call it on the latent after every step, the last one (the one they return)
+    included, in the model's unit-scale coordinates; ``units`` describes the coordinates of ``z``
+    where a caller checks it in others (the Restore node: the LATENT it outputs)."""
     finite = bool(torch.isfinite(z).all())
     rms = float(z.detach().float().reshape(z.shape[0], -1).pow(2).mean(1).sqrt().max()) if finite else float("nan")
     if not finite or rms > MAX_LATENT_RMS:
-        what = "non-finite values" if not finite else f"an RMS of {rms:.3g} (a DDPM latent's is about 1)"
+        what = "non-finite values" if not finite else f"an RMS of {rms:.3g} ({units})"
         raise DivergenceError(f"{method} diverged at step {step + 1}: the latent has {what}; lower the step size "
                               f"(data-consistency weight or learning rate) or use more steps.")
+
+
+def step_on(opt: torch.optim.Optimizer, var: Tensor, loss: Tensor) -> None:
+    """One optimiser step on ``var`` alone: the gradient of ``loss`` with respect to ``var`` only
+    (``torch.autograd.grad``), so that no other leaf of the graph gains a ``.grad``; a model or
+    decoder whose weights are ordinary tensors that require grad (built or patched outside
+    inference mode) is left exactly as it was (``loss.backward()`` would accumulate into every
+    such weight)."""
+    (g,) = torch.autograd.grad(loss, var)
+    var.grad = g
+    opt.step()
+    var.grad = None
 
 
 def _guided_step(z: Tensor, eps: Tensor, a: float, a_next: float, eta: float, grad: Tensor,
@@ -166,9 +181,7 @@ def stsl(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: 
                 # eps_j^T (s(z + eps_j) - s(z)) with s = -eps_theta / sqrt(1 - a), averaged over j
                 trace = sum(-(n[j] * (e_all[(j + 1) * B:(j + 2) * B] - e_z)).sum() for j in range(N)) / (N * sq)
                 loss = lam * fit + (eta / d) * trace
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                step_on(opt, var, loss)
         z = var.detach()
         with torch.no_grad():
             x0 = predicted_x0(z, e_z.detach(), a)  # line 13, with line 9's last evaluation
@@ -282,9 +295,7 @@ def p2l(predictor: NoisePredictor, decode: Callable[[Tensor], Tensor], encode: C
                 loss = (y - op.A(decode(predicted_x0(zc, eps, a)))).pow(2).sum()
                 if k == 0:
                     prompt_loss.append(float(loss.detach()))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                step_on(opt, C, loss)
             zz = z.detach().clone().requires_grad_(True)                         # (2) with the tuned C
             eps = predictor(zz, ts[i], [make_cond(C.detach())])[0].float()
             x0 = predicted_x0(zz, eps, a)

@@ -133,6 +133,7 @@ class DegradeImage(io.ComfyNode):
 
 
 METHODS = ["stsl", "ldps", "psld", "p2l"]
+METHOD_NAMES = {"stsl": "STSL", "ldps": "LDPS", "psld": "PSLD", "p2l": "P2L"}
 
 
 class Restore(io.ComfyNode):
@@ -255,16 +256,32 @@ class Restore(io.ComfyNode):
                 with pred.autograd(), codec.autograd():
                     yield
 
+            # every latent a step produces, the last one (the one returned) included, is checked in
+            # the units of the LATENT this node outputs too (core checks the model's unit-scale
+            # coordinates): SD1.5's latent format divides by 0.18215, so a latent that core still
+            # passes (RMS 50 there) would come back with an RMS of 275
+            name = METHOD_NAMES[method]
+            unit = torch.randn((1, z_T.shape[1], 64, 64), generator=torch.Generator().manual_seed(0)).to(dev)
+            typical = float(pred.process_latent_out(unit).pow(2).mean().sqrt())  # SD1.5: 5.5
+            units = f"in the output LATENT's units, where a prior latent's is about {typical:.2g}"
+
+            def check_output(z, step):
+                rs.check_diverged(pred.process_latent_out(z), step, name, units=units)
+
+            def callback(i, total, z):
+                check_output(z, i)
+                progress(i, total, z)
+
             extra = {}
             if method in ("ldps", "psld"):
                 z, res = rs.ldps(pred, codec.decode, operator, yy, grid, "positive", z0, zeta=step_size,
                                  eta=stochasticity, gamma=gluing if method == "psld" else 0.0, encode=codec.encode,
-                                 generator=gen, callback=progress, grad_context=grad_context)
+                                 generator=gen, callback=callback, grad_context=grad_context)
             elif method == "stsl":
                 z_init = torch.randn(z0.shape, generator=gen).to(dev) if stsl_start == "gaussian" else None
                 z, res, nfe = rs.stsl(pred, codec.decode, codec.encode, operator, yy, grid, "positive", lk,
                                       K=stsl_inner_steps, lam=stsl_lambda, eta=stsl_trace_weight, lr=stsl_lr,
-                                      z_init=z_init, generator=gen, callback=progress, grad_context=grad_context,
+                                      z_init=z_init, generator=gen, callback=callback, grad_context=grad_context,
                                       N=stsl_noise_samples,
                                       start="back_projection" if stsl_start == "back_projection" else "adjoint")
                 extra = {"nfe_as_the_paper_counts": nfe}
@@ -276,7 +293,7 @@ class Restore(io.ComfyNode):
                                                eta=stochasticity, prompt_steps=p2l_prompt_steps,
                                                prompt_lr=p2l_prompt_lr, project_every=p2l_project_every,
                                                cg_iters=p2l_cg_iters, cg_lambda=p2l_cg_lambda, generator=gen,
-                                               callback=progress, grad_context=grad_context)
+                                               callback=callback, grad_context=grad_context)
                 def change(a, b):
                     return float((a - b.to(a)).norm() / b.norm().clamp_min(1e-12))
 
@@ -284,6 +301,7 @@ class Restore(io.ComfyNode):
                 extra = {"embedding_change": change(tuned[:, :T], emb[:, :T]),
                          "pooled_change": change(tuned[:, T], emb[:, T]) if layout.pooled else None,
                          "prompt_loss_first_step": losses[:2]}
+            check_output(z, grid.steps - 1)  # the returned latent, whatever a method's callbacks saw
             with torch.no_grad():
                 x_hat = to_signed(codec.decode_output(z)).to(yy.device)
                 r = float((yy - operator.A(x_hat)).reshape(B, -1).norm(dim=1).mean())
