@@ -175,12 +175,10 @@ def loaded(pack):
 
 
 def _restore_args(**kw):
-    args = dict(method="ldps", steps=3, seed=0, step_size=1.0, gluing=0.1, stochasticity=0.0, stsl_inner_steps=2,
-                stsl_lambda=1.0, stsl_trace_weight=0.02, stsl_lr=0.05, stsl_start="measurement", p2l_prompt_steps=1,
-                p2l_prompt_lr=1e-2, p2l_project_every=2, p2l_cg_iters=10, p2l_cg_lambda=0.01,
-                decoder_memory="tiled", tile_size=40)
-    args.update(kw)
-    return args
+    """test_comfy_integration's Restore arguments, at 3 steps of LDPS unless told otherwise."""
+    from test_comfy_integration import _restore_args as integration_args
+
+    return integration_args(**{"method": "ldps", "steps": 3, **kw})
 
 
 def _measurement(pack, size=64, seed=4):
