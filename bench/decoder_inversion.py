@@ -23,10 +23,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
 METHODS = {
     "gradient_free_fixed_point": ("forward_step", {"rho": 0.2}),
@@ -39,9 +37,8 @@ METHODS = {
 def worker(spec: dict) -> dict:
     import torch
 
-    import conftest  # noqa: F401
-    import taef2
     from comfyui_inverse.core import decoder_inversion as di
+    from support import taef2
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[spec["precision"]]
@@ -107,7 +104,7 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    import taef2
+    from support import taef2
 
     if not args.testbed and not taef2.available():
         sys.exit(f"TAEF2 weights not found at {taef2.ASSETS}")

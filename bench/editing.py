@@ -23,12 +23,10 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
 
 # class swaps between similar shapes (Fashion-MNIST labels): sneaker <-> sandal, ankle boot -> sneaker,
@@ -42,7 +40,7 @@ def testbed_protocol(count: int, steps: int, methods) -> dict:
     shape, a class swap; per method: edit success (measured colour / the classifier's class),
     structure kept (silhouette IoU with the source) and background kept (PSNR outside it)."""
     import testbed as tb
-    from testbed_runs import Testbed, edit_measures
+    from support.testbed_runs import Testbed, edit_measures
 
     bed = Testbed()
     items = list(range(count))
@@ -79,9 +77,9 @@ def main(argv=None):
     ap.add_argument("--testbed", type=int, default=0, metavar="N",
                     help="only the trained testbed's protocol, on its first N held-out items (README: 100)")
     ap.add_argument("--methods", default=",".join(("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")),
-                    help="testbed: the editing methods (tests/testbed_runs.py Testbed.edit)")
+                    help="testbed: the editing methods (tests/support/testbed_runs.py Testbed.edit)")
     args = ap.parse_args(argv)
-    import comfy_host
+    from support import comfy_host
 
     if args.testbed:
         if not comfy_host.HOST_FOUND:

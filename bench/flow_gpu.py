@@ -27,12 +27,10 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
 
 def flux_dev_config(double: int, single: int) -> dict:
@@ -69,7 +67,6 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    import conftest  # noqa: F401  (registers the pack as comfyui_inverse; scripts/ on the path)
     import comfy_boot
 
     comfy_boot.ensure_torchvision_importable()
@@ -81,7 +78,7 @@ def main(argv=None) -> None:
     if not cuda:
         comfy.cli_args.args.cpu = True
 
-    glue = importlib.import_module("comfyui_inverse.nodes.comfy_glue")
+    glue = importlib.import_module("comfyui_inverse.nodes.comfy")
     ddim = importlib.import_module("comfyui_inverse.core.ddim")
     inv = importlib.import_module("comfyui_inverse.core.inversion")
     double, single, size, steps = (2, 2, 256, 4) if args.quick else (19, 38, args.size, args.steps)

@@ -16,7 +16,7 @@ configuration: DDIM's error over the best solver's, and the fidelity issue's goa
 calls per step: DDIM / 100 at 50 steps, / 10 at 4 steps; at 4 calls and guidance 7.5: / 20).
 On the testbed each row also gives the decoded reconstruction's PSNR against the VAE round trip.
 The last line is one JSON object with every number. The ComfyUI backend needs a host (see
-tests/comfy_host.py; skipped with a message otherwise).
+tests/support/comfy_host.py; skipped with a message otherwise).
 """
 from __future__ import annotations
 
@@ -25,16 +25,13 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import conftest  # noqa: E402,F401  (imports the pack as comfyui_inverse)
-
-from comfyui_inverse.core import ddim, inversion, schedule  # noqa: E402
-from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior  # noqa: E402
+import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
+from comfyui_inverse.core import ddim, inversion, schedule
+from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
+from support.core_oracles import rnri_objective
 
 # (label, solver, SolverConfig settings, prompt-aware adjustment rounds); the label names the calls per step
 SOLVER_RUNS = [
@@ -225,7 +222,7 @@ def _glue_backend(glue, model, pos, neg, samples, decode=None, target=None) -> d
 
 
 def comfy_backend():
-    import comfy_host
+    from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
         print(f"[bench] {comfy_host.MISSING_REASON}; ComfyUI backend skipped", flush=True)
@@ -234,7 +231,7 @@ def comfy_backend():
     import importlib
     import comfy.sd
 
-    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[:3]
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photograph of an astronaut"))
@@ -248,7 +245,7 @@ def testbed_backend(count: int):
     """The trained testbed (scripts/testbed.py) on its first ``count`` held-out images, each with its
     own prompt "a <colour> <class>"; reconstructions are also decoded and read as PSNR against the
     VAE round trip (the best a latent inversion can reach)."""
-    import comfy_host
+    from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
         print(f"[bench] {comfy_host.MISSING_REASON}; testbed skipped", flush=True)
@@ -257,7 +254,7 @@ def testbed_backend(count: int):
     import importlib
     import testbed as tb
 
-    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
     t = comfy_host.load_testbed()
     model, vae = t["model"], t["vae"]
     prompts = [tb.prompt(int(c), int(k)) for c, k in zip(t["labels"][:count], t["colours"][:count])]
@@ -310,13 +307,13 @@ def flow_bench(quick: bool) -> dict:
                                                schedule.timestep_spacing(steps, len(sig), "trailing"))
     for w in (1.0, 3.5):
         res[f"reference_w{w}"] = _flow_measure(pred, z0, grid, w)
-    import comfy_host
+    from support import comfy_host
 
     if comfy_host.HOST_FOUND:
         import importlib
 
         pack = comfy_host.start_inprocess()
-        glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+        glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
         for kind, guidances in (("sd3", (1.0, 3.5)), ("flux", (1.0,))):
             model, cond = comfy_host.tiny_flow_model(kind)
             conds = {"c": cond(), "u": cond()}
@@ -354,11 +351,11 @@ def rnri_memory_worker(size: int, mode: str, save_to: str) -> dict:
     import contextlib
     import importlib
 
-    import comfy_host
-    from peak_memory import Peak, SavedTensors
+    from support import comfy_host
+    from support.peak_memory import Peak, SavedTensors
 
     pack = comfy_host.start_inprocess()
-    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
     inv = importlib.import_module(pack.__name__ + ".core.inversion")
     model = comfy_host.sd15_sized_model()
     g = torch.Generator().manual_seed(0)
@@ -382,7 +379,7 @@ def rnri_memory_worker(size: int, mode: str, save_to: str) -> dict:
             if mode == "joint":
                 with grad_context():
                     zz = z.clone().requires_grad_(True)
-                    F, _ = inv.rnri_objective(step, zz, 0.1)
+                    F, _ = rnri_objective(step, zz, 0.1)
                     (grad,) = torch.autograd.grad(F.sum(), zz)
                 return grad
             r, vjp = inv._residual(step, z, grad_context)
@@ -407,8 +404,8 @@ def rnri_memory(quick: bool) -> dict:
     import subprocess
     import tempfile
 
-    import comfy_host
-    from peak_memory import FRESH_ENV
+    from support import comfy_host
+    from support.peak_memory import FRESH_ENV
 
     if not comfy_host.HOST_FOUND:
         print(f"[bench] {comfy_host.MISSING_REASON}; RNRI memory skipped", flush=True)

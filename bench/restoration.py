@@ -34,18 +34,15 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from peak_memory import FRESH_ENV, Peak  # noqa: E402
+import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
+from support.core_oracles import gaussian_posterior_mean_inpaint
+from support.peak_memory import FRESH_ENV, Peak
 
 
 def _pack():
-    import conftest  # noqa: F401  (registers the pack as comfyui_inverse)
-    del conftest
     from comfyui_inverse.core import operators as ops, restoration as rs, schedule
     from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
     return ops, rs, schedule, GaussianMixtureDenoiser, MixturePrior
@@ -78,19 +75,16 @@ def run(method, model, decode, encode, op, y, grid, like, seed, mean=None, std=N
     pred = Counting(model)
     t0 = time.perf_counter()
     with Peak() as peak:
-        if method in ("ldps", "psld"):
-            z, _ = rs.ldps(pred, decode, op, y, grid, "c", zT, zeta=kw.get("zeta", 1.0),
-                           gamma=0.1 if method == "psld" else 0.0, encode=encode, generator=g)
-        elif method == "stsl":
-            z, _, _ = rs.stsl(pred, decode, encode, op, y, grid, "c", like, lr=kw.get("lr", 0.01), generator=g,
-                              start=kw.get("start", "adjoint"))
-        elif method == "p2l":
-            make_cond = kw.get("make_cond") or (lambda C: MP.gaussian(C, std))
-            z, _, _, _ = rs.p2l(pred, decode, encode, op, y, grid, make_cond, mean.float(), zT,
-                                rho=kw.get("zeta", 1.0), prompt_steps=1, prompt_lr=1e-2, project_every=4,
-                                cg_lambda=0.01, generator=g)
-        else:
+        if method not in rs.METHODS:
             raise ValueError(method)
+        problem = rs.Problem(pred, decode, op, y, grid, "c", zT, encode=encode, generator=g)
+        cfg = rs.RestorationConfig(zeta=kw.get("zeta", 1.0), gamma=0.1, lr=kw.get("lr", 0.01),
+                                   start=kw.get("start", "adjoint"), prompt_steps=1, prompt_lr=1e-2,
+                                   project_every=4, cg_lambda=0.01)
+        if method == "p2l":
+            problem.make_cond = kw.get("make_cond") or (lambda C: MP.gaussian(C, std))
+            problem.embedding = mean.float()
+        z = rs.METHODS[method](problem, cfg).latent
     return z, {"model_calls": pred.calls, "seconds": round(time.perf_counter() - t0, 2), "peak_mb": peak.mb}
 
 
@@ -217,7 +211,7 @@ def protocol_c(quick: bool) -> dict:
 
 
 def protocol_b(quick: bool) -> dict:
-    import taef2
+    from support import taef2
 
     ops, rs, schedule, GMD, MP = _pack()
     if not taef2.available():
@@ -269,8 +263,8 @@ def memory_worker(size: int, mode: str) -> dict:
     """One gradient through the TAEF2 decoder in this (fresh) process, after one unmeasured run
     of the same (first calls build oneDNN primitives that stay): peak RSS growth, the bytes
     autograd keeps between forward and backward, seconds of the measured run."""
-    import taef2
-    from peak_memory import SavedTensors
+    from support import taef2
+    from support.peak_memory import SavedTensors
 
     _pack()
     from comfyui_inverse.core.tiling import decode_bounded
@@ -299,7 +293,7 @@ def decoder_memory(quick: bool) -> dict:
     growth over the loaded model, bytes autograd keeps between forward and backward."""
     import subprocess
 
-    import taef2
+    from support import taef2
 
     if not taef2.available():
         return {"skipped": "TAEF2 weights not found"}
@@ -318,7 +312,7 @@ def decoder_memory(quick: bool) -> dict:
 
 
 def protocol_a(quick: bool) -> dict:
-    import comfy_host
+    from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
         return {"skipped": comfy_host.MISSING_REASON}
@@ -331,7 +325,7 @@ def protocol_a(quick: bool) -> dict:
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[:3]
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a high quality photograph"))
-    import taef2
+    from support import taef2
     clean = taef2.photo("astronaut", 64).movedim(1, -1)
     kinds = ["sr_avgpool"] if quick else ["sr_avgpool", "gaussian_blur", "motion_blur", "inpaint_box"]
     batches: list[int] = []
@@ -371,7 +365,7 @@ def restore_memory_worker(decoder_memory: str, steps: int) -> dict:
     with SD1.5's real UNet (ComfyUI's SD15 class, 860M random weights, float32) and the SD VAE's
     real architecture (the tiny checkpoint's VAE, random weights): peak RSS growth over the loaded
     models, seconds, the decoder's share."""
-    import comfy_host
+    from support import comfy_host
 
     pack = comfy_host.start_inprocess()
     import comfy.sd
@@ -398,7 +392,7 @@ def protocol_r(quick: bool) -> dict:
     tiled (40), each in a fresh process."""
     import subprocess
 
-    import comfy_host
+    from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
         return {"skipped": comfy_host.MISSING_REASON}
@@ -434,7 +428,7 @@ def protocol_l(quick: bool) -> dict:
     ident = lambda v: v  # noqa: E731
     op = ops.Inpaint(ops.random_mask(16, 16, 0.5, seed=1), sigma_y=sy)
     y = op.measure(x_true, torch.Generator().manual_seed(7))
-    post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), s, sy)
+    post = gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), s, sy)
     out = {"closed_form_inpaint_random_50": {}}
     for label, model, grid, make_cond in (("ddpm_reference_sd15_schedule", ddpm_model, grid_ddpm, None),
                                           ("flow_reference_sd3_levels", flow_model, grid_flow, lambda C: C)):
@@ -447,14 +441,14 @@ def protocol_l(quick: bool) -> dict:
                            "consistency": round(sum(consistency(op, y, z) for z in zs) / len(zs), 3)}
         out["closed_form_inpaint_random_50"][label] = res
         print(f"(l) {label}: " + json.dumps(res), flush=True)
-    import comfy_host
+    from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
         return out
     pack = comfy_host.start_inprocess()
     r = importlib.import_module(pack.__name__ + ".nodes.restoration")
     vae = comfy_host.random_vae16()
-    import taef2
+    from support import taef2
     clean = taef2.photo("astronaut", 64).movedim(1, -1)
     n_steps = 3 if quick else 10
     for kind in ("sd3", "flux"):
@@ -491,8 +485,7 @@ def protocol_t(quick: bool, count: int = 0) -> dict:
     import torch.nn.functional as F
     from skimage.metrics import structural_similarity
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from testbed_runs import Testbed, nchw, psnr as psnr_b
+    from support.testbed_runs import Testbed, nchw, psnr as psnr_b
 
     count = count or (8 if quick else 100)
     steps = 20 if quick else 50

@@ -19,6 +19,10 @@ E and D are any callables (e.g. a 16-bit model): the iterate stays float32 and i
 callables; the gradient-free loops build no autograd graph. Every loop records, per iteration,
 the residual RMS(T z) (gradient-free) and the reconstruction RMS(D(z) - x), optionally the NMSE to
 a known latent, and calls ``callback(i, total)`` (progress, cancel).
+
+The family's contract: every method in :data:`METHODS` is ``method(problem, cfg) ->
+DecoderInversionResult``, with the image and the codecs in a :class:`Problem` and the settings in one
+:class:`DecoderInversionConfig`.
 """
 from __future__ import annotations
 
@@ -224,9 +228,75 @@ def gradient_based(encode: Codec, decode: Codec, x: Tensor, z0: Optional[Tensor]
     return var.detach(), rec
 
 
+@dataclass
+class Problem:
+    """The image ``x`` to invert and the codecs: ``encode``/``decode`` (forward passes only),
+    ``decode_differentiable`` the decoder :func:`gradient_based` differentiates (default ``decode``)
+    under ``grad_context``; ``z0`` the start (default E(x)), ``callback(i, total)`` after every
+    iteration, ``z_gt`` a known latent to record the NMSE to."""
+
+    encode: Codec
+    decode: Codec
+    x: Tensor
+    z0: Optional[Tensor] = None
+    decode_differentiable: Optional[Codec] = None
+    grad_context: Callable[[], ContextManager] = torch.enable_grad
+    callback: Callback = None
+    z_gt: Optional[Tensor] = None
+
+
+@dataclass
+class DecoderInversionConfig:
+    """``iterations``; ``step_size``, each method's step: the peak step rho_max of
+    :func:`adam_forward_step` (the authors' 0.01), rho of :func:`forward_step`, lambda of
+    :func:`inertial_km` (the step is 2 lambda), Adam's learning rate in :func:`gradient_based` (0.01);
+    ``momentum``: alpha of :func:`inertial_km`; ``adam_eps``: Adam's eps of :func:`adam_forward_step`
+    (:func:`adam_eps` of the VAE's dtype)."""
+
+    iterations: int = 100
+    step_size: float = 0.01
+    momentum: float = 0.3
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class DecoderInversionResult:
+    """The inverted latent (float32) and the per-iteration record."""
+
+    latent: Tensor
+    record: Record
+
+
+def _adam(p: Problem, cfg: DecoderInversionConfig) -> DecoderInversionResult:
+    """The authors' Adam-moment variant (:func:`adam_forward_step`), peak step ``cfg.step_size``."""
+    return DecoderInversionResult(*adam_forward_step(p.encode, p.decode, p.x, p.z0, cfg.iterations,
+                                                     rho_max=cfg.step_size, eps=cfg.adam_eps, callback=p.callback,
+                                                     z_gt=p.z_gt))
+
+
+def _fixed_point(p: Problem, cfg: DecoderInversionConfig) -> DecoderInversionResult:
+    """Eq. 8 (:func:`forward_step`), rho = ``cfg.step_size``."""
+    return DecoderInversionResult(*forward_step(p.encode, p.decode, p.x, p.z0, cfg.iterations, rho=cfg.step_size,
+                                                callback=p.callback, z_gt=p.z_gt))
+
+
+def _momentum(p: Problem, cfg: DecoderInversionConfig) -> DecoderInversionResult:
+    """Eq. 10-11 (:func:`inertial_km`), alpha = ``cfg.momentum``, lambda = ``cfg.step_size``."""
+    return DecoderInversionResult(*inertial_km(p.encode, p.decode, p.x, p.z0, cfg.iterations, alpha=cfg.momentum,
+                                               lam=cfg.step_size, callback=p.callback, z_gt=p.z_gt))
+
+
+def _gradient_based(p: Problem, cfg: DecoderInversionConfig) -> DecoderInversionResult:
+    """The gradient-based baseline (:func:`gradient_based`), Adam's learning rate ``cfg.step_size``."""
+    return DecoderInversionResult(*gradient_based(p.encode, p.decode_differentiable or p.decode, p.x, p.z0,
+                                                  cfg.iterations, lr=cfg.step_size, callback=p.callback, z_gt=p.z_gt,
+                                                  grad_context=p.grad_context))
+
+
+#: the family's registry: method name -> method(problem, cfg) -> DecoderInversionResult (the node's options)
 METHODS = {
-    "gradient_free_adam": adam_forward_step,
-    "gradient_free_fixed_point": forward_step,
-    "gradient_free_momentum": inertial_km,
-    "gradient_based": gradient_based,
+    "gradient_free_adam": _adam,
+    "gradient_free_fixed_point": _fixed_point,
+    "gradient_free_momentum": _momentum,
+    "gradient_based": _gradient_based,
 }

@@ -43,10 +43,11 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from .ddim import ddim_invert, ddim_sample, ddim_step, guided_eps, predicted_x0
+from .ddim import ddim_invert, ddim_sample
 from .protocols import NoisePredictor, StepCallback
 from .result import InversionResult
 from .schedule import TimestepGrid
+from .steps import apply_noise_map, ddim_step, ddpm_posterior, f64, guided_eps
 
 Tensor = torch.Tensor
 GradContext = Callable[[], ContextManager]
@@ -111,13 +112,6 @@ class _Step:
         """The gradient of :meth:`prior_nll`, (z - mean) / var."""
         mean, var = self._prior()
         return (z - mean) / var
-
-
-def rnri_objective(step: _Step, z: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """F(z) = ||z - f(z)||_1 + lambda * (-sum log q(z | z_s)) (RNRI eq. 7), one value per image;
-    returns (F [B], r)."""
-    r = z - step.f(z)
-    return r.abs().flatten(1).sum(1) + lam * step.prior_nll(z), r
 
 
 def per_image_residual(r: Tensor) -> Tensor:
@@ -475,13 +469,15 @@ def solve_newton_krylov(step: _Step, cfg: SolverConfig, grad_context: GradContex
     return track.result()
 
 
+#: the family's registry: solver name -> solve(step, cfg, grad_context) -> (z_t, residual history, residual),
+#: in the order the Exact Inversion node offers them (its options)
 SOLVERS = {
-    "rnri": solve_rnri,
-    "rnri_jacobian_free": solve_rnri_jacobian_free,
-    "fixed_point": solve_fixed_point,
-    "gradient_descent": solve_gradient_descent,
     "anderson": solve_anderson,
     "newton_krylov": solve_newton_krylov,
+    "fixed_point": solve_fixed_point,
+    "rnri": solve_rnri,
+    "rnri_jacobian_free": solve_rnri_jacobian_free,
+    "gradient_descent": solve_gradient_descent,
 }
 
 
@@ -490,9 +486,8 @@ def iterative_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, 
                      callback: StepCallback = None, grad_context: GradContext = torch.enable_grad,
                      ) -> tuple[list[Tensor], StepReport]:
     """Invert ``z0`` step by step, solving RNRI eq. 3 at every step with the chosen solver.
-    Returns the trajectory (clean first, as :func:`ddim_invert`) and the per-step report."""
-    if method not in SOLVERS:
-        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(SOLVERS)}")
+    Returns the trajectory (clean first, as :func:`ddim_invert`) and the per-step report. ``method``
+    is a name in :data:`SOLVERS` (the node checks it against its options, which are those names)."""
     cfg = cfg or SolverConfig()
     if cfg.iterations < 0:
         raise ValueError("iterations must be >= 0")
@@ -588,28 +583,6 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
 # ------------------------------------------------------------------------------------------
 # edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024; ProxEdit supplement)
 
-def ddpm_posterior(z: Tensor, eps: Tensor, a_t: float, a_s: float, eta: float = 1.0) -> tuple[Tensor, float]:
-    """Mean and std of the DDIM/DDPM step from level t to the less noisy level s (DDIM eq. 12, 16):
-    sigma = eta sqrt((1 - a_s)/(1 - a_t)) sqrt(1 - a_t/a_s); mean = sqrt(a_s) x0 + sqrt(1 - a_s - sigma^2) eps."""
-    sigma = eta * math.sqrt(max(1.0 - a_s, 0.0) / (1.0 - a_t)) * math.sqrt(max(1.0 - a_t / a_s, 0.0))
-    x0 = predicted_x0(z, eps, a_t)
-    mean = math.sqrt(a_s) * x0 + math.sqrt(max(1.0 - a_s - sigma * sigma, 0.0)) * eps
-    return mean, sigma
-
-
-def _f64(t: Tensor) -> Tensor:
-    """t in float64 (on the CPU where the device has no float64, e.g. MPS)."""
-    return t.cpu().double() if t.device.type == "mps" else t.double()
-
-
-def apply_noise_map(mean: Tensor, sigma: float, noise_map: Tensor) -> Tensor:
-    """x_s = mu_t + sigma_t z_t with a stored noise map (z_t itself where sigma_t = 0), in float64 and
-    back to the mean's dtype, so that a map from :func:`ddpm_invert` gives back its level exactly."""
-    m = _f64(mean)
-    x = m + (sigma if sigma > 0 else 1.0) * noise_map.to(m.device, torch.float64)
-    return x.to(mean.device, mean.dtype)
-
-
 def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
                 guidance: float = 1.0, generator: Optional[torch.Generator] = None,
                 callback: StepCallback = None) -> tuple[list[Tensor], list[Tensor]]:
@@ -633,7 +606,7 @@ def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond:
         mean, sigma = ddpm_posterior(levels[i], eps, ab[i], ab[i + 1])
         # float64, so that mean + sigma z gives back the float32 x_s bit for bit when sampling:
         # a rounding here is amplified by the guided model at every later step
-        maps.append((_f64(levels[i + 1]) - _f64(mean)) / (sigma if sigma > 0 else 1.0))
+        maps.append((f64(levels[i + 1]) - f64(mean)) / (sigma if sigma > 0 else 1.0))
         if callback is not None:
             callback(i, grid.steps, levels[i + 1])
     return xs, maps

@@ -3,8 +3,10 @@
 
 Images are [B, C, H, W] tensors in [-1, 1]. Every operator provides ``A(x)``, its adjoint
 ``At(y, like)`` (``like`` gives the input shape) and ``noise(y, generator)`` adding its measurement
-noise of level ``sigma_y``; operators compose with :class:`Compose`. The linear ones satisfy
-<A x, y> = <x, A^T y> (tested). Settings follow the papers: Gaussian blur 61x61 sigma 3, motion blur
+noise of level ``sigma_y``; for the nodes, the checked shape of the image behind a measurement
+(:meth:`Operator.image_shape`), a view of itself as an image (:meth:`Operator.view`) and how well an
+image explains a measurement (:meth:`Operator.consistency`). All are linear: <A x, y> = <x, A^T y>
+(tested). Settings follow the papers: Gaussian blur 61x61 sigma 3, motion blur
 61x61 intensity 0.5 (kernel drawn once from a seed), x4/x8 super-resolution, random inpainting
 (40-70% of pixels), box and free-form masks (10-20% damage), 2% salt-and-pepper, Gaussian noise.
 """
@@ -26,7 +28,6 @@ class OperatorError(ValueError):
 class Operator:
     name = "identity"
     sigma_y: float = 0.0
-    linear = True
 
     def A(self, x: Tensor) -> Tensor:
         return x
@@ -46,39 +47,30 @@ class Operator:
         """The shape of the images x whose measurements have shape ``y_shape``."""
         return tuple(y_shape)
 
+    def image_shape(self, y_shape: Sequence[int]) -> tuple[int, ...]:
+        """:meth:`x_shape`, checked: A applied to a zero image of that shape must give ``y_shape``
+        back (raises :class:`OperatorError` otherwise, or where A refuses the image)."""
+        x_shape = self.x_shape(tuple(y_shape))
+        if tuple(self.A(torch.zeros(x_shape)).shape) != tuple(y_shape):
+            raise OperatorError(f"measurement: its size {tuple(y_shape[-2:])} does not match the operator.")
+        return x_shape
+
+    def view(self, x: Tensor) -> Tensor:
+        """The operator as an image [B, 3, H, W] in [0, 1], for display: here A^T A x, what it keeps of
+        the image ``x`` (3 channels); a blur shows its kernel and an inpainting its mask."""
+        return (self.At(self.A(x), x).clamp(-1, 1) + 1.0) / 2.0
+
+    def consistency(self, y: Tensor, x: Tensor) -> dict[str, Optional[float]]:
+        """How well the image ``x`` explains the measurement ``y``: ``residual``, the mean over images
+        of ||y - A x||, and ``consistency``, that residual over the noise's expected norm
+        sigma_y sqrt(m) (m the values of one measurement; about 1 where x is as consistent as the
+        clean image; None without measurement noise)."""
+        r = float((y - self.A(x)).reshape(y.shape[0], -1).norm(dim=1).mean())
+        m = y[0].numel()
+        return {"residual": r, "consistency": (r / (self.sigma_y * math.sqrt(m))) if self.sigma_y > 0 else None}
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.A(x)
-
-
-class Compose(Operator):
-    """A = A_n o ... o A_1 (the first operator is applied first); noise of the last one."""
-
-    def __init__(self, ops: Sequence[Operator]):
-        self.ops = list(ops)
-        self.name = "+".join(o.name for o in self.ops)
-        self.sigma_y = self.ops[-1].sigma_y if self.ops else 0.0
-        self.linear = all(o.linear for o in self.ops)
-
-    def A(self, x):
-        for o in self.ops:
-            x = o.A(x)
-        return x
-
-    def At(self, y, like):
-        likes = [like]
-        for o in self.ops[:-1]:
-            likes.append(o.A(likes[-1]))
-        for o, lk in zip(reversed(self.ops), reversed(likes)):
-            y = o.At(y, lk)
-        return y
-
-    def noise(self, y, generator=None):
-        return self.ops[-1].noise(y, generator) if self.ops else y
-
-    def x_shape(self, y_shape):
-        for o in reversed(self.ops):
-            y_shape = o.x_shape(y_shape)
-        return tuple(y_shape)
 
 
 class GaussianNoise(Operator):
@@ -187,6 +179,11 @@ class Blur(Operator):
         ph, pw = self.kernel.shape[0] // 2, self.kernel.shape[1] // 2
         return F.conv_transpose2d(y, self._w(y), padding=(ph, pw), groups=y.shape[1])
 
+    def view(self, x):
+        """The kernel, scaled to a peak of 1, as one image [1, 3, k, k]."""
+        k = self.kernel
+        return (k / k.max())[None, None].expand(1, 3, *k.shape)
+
 
 def gaussian_kernel(size: int = 61, sigma: float = 3.0) -> Tensor:
     r = torch.arange(size, dtype=torch.float64) - size // 2
@@ -240,7 +237,9 @@ class Inpaint(Operator):
         self.mask = mask.float()
         self.name, self.sigma_y = name, float(sigma_y)
 
-    def _m(self, x):
+    def mask_like(self, x: Tensor) -> Tensor:
+        """The mask (1 = observed) for the image batch ``x``, on its device and in its dtype; raises
+        :class:`OperatorError` where it does not fit ``x``."""
         self.mask = _autograd_usable(self.mask)
         m = self.mask.to(x.device, x.dtype)
         if m.shape[-2:] != x.shape[-2:]:
@@ -251,10 +250,14 @@ class Inpaint(Operator):
         return m
 
     def A(self, x):
-        return x * self._m(x)
+        return x * self.mask_like(x)
 
     def At(self, y, like):
-        return y * self._m(y)
+        return y * self.mask_like(y)
+
+    def view(self, x):
+        """The mask for ``x`` (white = observed) as images [B, 3, H, W]."""
+        return self.mask_like(x)[:, :1].expand(-1, 3, -1, -1)
 
 
 def random_mask(H: int, W: int, drop: float = 0.4, seed: int = 0) -> Tensor:
@@ -327,6 +330,6 @@ class LazyMaskInpaint(Inpaint):
             self.mask, self._size = m[None, None], (H, W)
         return self.mask
 
-    def _m(self, x):
+    def mask_like(self, x):
         self.mask_for(*x.shape[-2:])
-        return super()._m(x)
+        return super().mask_like(x)

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention_control import BASE, SOURCE, SOURCE_BASE, TARGET, AttentionController
-from .ddim import ddim_step, predicted_x0
-from .inversion import apply_noise_map, ddpm_posterior
 from .protocols import NoisePredictor, StepCallback
 from .result import InversionResult
 from .schedule import scaled_linear_alphas_cumprod
+from .steps import apply_noise_map, ddim_step, ddpm_posterior, eps_from_x0, predicted_x0
 
 Tensor = torch.Tensor
 QUANTILE_MAX_ELEMENTS = 2 ** 24
@@ -49,7 +48,9 @@ def prox_soft(d: Tensor, thr: Tensor) -> Tensor:
     return torch.sign(d) * torch.clamp(d.abs() - thr, min=0.0)
 
 
+#: the editing family's registry: prox name -> proximal operator; "none" is plain classifier-free guidance
 PROX = {"hard": prox_hard, "soft": prox_soft}
+PROX_MODES = (*PROX, "none")
 
 
 def quantile_threshold(d: Tensor, q: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -200,7 +201,7 @@ def edit_step(predictor: NoisePredictor, result: InversionResult, z: Tensor, i: 
         x0 = x0 - cfg.reconstruction_guidance * unedited * (x0 - result.z0.to(x0))
         # Alg. 2 line 12 keeps eps and moves x0: z_{t-1} = sqrt(a') x0 + sqrt(1 - a') eps
         z_next = math.sqrt(ab_s) * x0 + math.sqrt(1.0 - ab_s) * eps
-        eps_ddpm = (z - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
+        eps_ddpm = eps_from_x0(z, x0, ab_t)
     else:
         z_next, eps_ddpm = ddim_step(z, eps, ab_t, ab_s), eps
     if noise is not None:

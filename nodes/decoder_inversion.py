@@ -6,7 +6,9 @@ import json
 from comfy_api.latest import io
 
 from ..core import decoder_inversion as di
-from . import comfy_glue as glue
+from . import comfy as glue
+from .plot import plot_curves
+from .schema import advanced
 from .types import CATEGORY
 
 DI_METHODS = list(di.METHODS)
@@ -45,12 +47,12 @@ class DecoderInversion(io.ComfyNode):
                                        "drift); "
                                        "momentum: lambda, step 2*lambda (must satisfy eq. 13 with the momentum); "
                                        "gradient_based: Adam learning rate (0.01)."),
-                io.Float.Input("momentum", default=0.3, min=0.0, max=0.99, step=0.01,
-                               tooltip="Momentum alpha of gradient_free_momentum."),
-                io.Combo.Input("precision", options=["auto", *glue.VAE_PRECISIONS], default="auto",
-                               tooltip="auto: the VAE's own dtype through ComfyUI's VAE (tiles when memory runs out); "
-                                       "fp16/bf16/fp32: a private copy of the VAE in that precision. The latent is "
-                                       "always float32."),
+                advanced(io.Float.Input("momentum", default=0.3, min=0.0, max=0.99, step=0.01,
+                                        tooltip="Momentum alpha of gradient_free_momentum.")),
+                advanced(io.Combo.Input("precision", options=["auto", *glue.VAE_PRECISIONS], default="auto",
+                                        tooltip="auto: the VAE's own dtype through ComfyUI's VAE (tiles when memory "
+                                                "runs out); fp16/bf16/fp32: a private copy of the VAE in that "
+                                                "precision. The latent is always float32.")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The inverted latent."),
@@ -62,8 +64,6 @@ class DecoderInversion(io.ComfyNode):
     @classmethod
     def execute(cls, image, vae, method, iterations, step_size, momentum, precision, latent=None) -> io.NodeOutput:
         glue.check_widgets(cls, locals())
-        if method not in DI_METHODS:
-            raise glue.InverseInputError(f"method: choose one of {', '.join(DI_METHODS)}.")
         if method == "gradient_free_momentum" and not di.km_condition(momentum, step_size):
             raise glue.InverseInputError(
                 f"step_size/momentum: lambda {step_size} with momentum {momentum} breaks the convergence condition "
@@ -80,22 +80,15 @@ class DecoderInversion(io.ComfyNode):
                 raise glue.InverseInputError(f"latent: shape {tuple(z0.shape)} does not fit the image's latent "
                                              f"{(x.shape[0],) + tuple(expected)}; encode this image with this VAE.")
             z0 = z0.expand(x.shape[0], *z0.shape[1:]).float()
-        progress = glue.ProgressReporter(iterations)
-        if method == "gradient_based":
-            z, rec = di.gradient_based(codec.encode, codec.decode_differentiable, x, z0, iterations, lr=step_size,
-                                       callback=progress, grad_context=codec.autograd)
-        elif method == "gradient_free_adam":
-            z, rec = di.adam_forward_step(codec.encode, codec.decode, x, z0, iterations, rho_max=step_size,
-                                          eps=di.adam_eps(codec.dtype), callback=progress)
-        elif method == "gradient_free_fixed_point":
-            z, rec = di.forward_step(codec.encode, codec.decode, x, z0, iterations, rho=step_size, callback=progress)
-        else:
-            z, rec = di.inertial_km(codec.encode, codec.decode, x, z0, iterations, alpha=momentum, lam=step_size,
-                                    callback=progress)
+        problem = di.Problem(codec.encode, codec.decode, x, z0, decode_differentiable=codec.decode_differentiable,
+                             grad_context=codec.autograd, callback=glue.ProgressReporter(iterations))
+        cfg = di.DecoderInversionConfig(iterations, step_size, momentum, adam_eps=di.adam_eps(codec.dtype))
+        result = di.METHODS[method](problem, cfg)
+        z, rec = result.latent, result.record
         curves = {"reconstruction RMS": rec.recon}
         if rec.residual:
             curves["residual RMS(E(D(z)) - E(x))"] = rec.residual
-        plot = glue.plot_curves(curves, f"decoder inversion: {method}, {iterations} iterations, {precision}")
+        plot = plot_curves(curves, f"decoder inversion: {method}, {iterations} iterations, {precision}")
         record = json.dumps({"method": method, "iterations": iterations, "precision": precision,
                              "reconstruction_rms": rec.recon, "residual_rms": rec.residual})
         return io.NodeOutput({"samples": z.detach().cpu().float()}, plot, record)

@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from ..core import attention_control as ac
 from ..core import proxedit
 from ..core.result import InversionResult
-from . import comfy_glue as glue
+from . import comfy as glue
+from .schema import advanced
 from .types import CATEGORY, AttentionControl, Inversion
 
 SUB = f"{CATEGORY}/editing"
@@ -85,10 +86,10 @@ class PromptToPrompt(io.ComfyNode):
                 io.String.Input("blend_words", default="",
                                 tooltip="Words (comma-separated, in either prompt) whose region may change; empty = the "
                                         "words that differ between the prompts."),
-                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
-                               tooltip="LocalBlend threshold on the normalised word maps (paper: 0.3)."),
-                io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.05,
-                               tooltip="Share of the steps after which LocalBlend starts (P2P code: 0.2)."),
+                advanced(io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
+                                        tooltip="LocalBlend threshold on the normalised word maps (paper: 0.3).")),
+                advanced(io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.05,
+                                        tooltip="Share of the steps after which LocalBlend starts (P2P code: 0.2).")),
             ],
             outputs=[AttentionControl.Output(display_name="attention_control",
                                              tooltip="Connect to ProxEdit or the ProxEdit guider (or a MasaCtrl node)."),
@@ -149,8 +150,8 @@ class PromptToPrompt(io.ComfyNode):
                                 blend_start=blend_start)
         source = clip.encode_from_tokens_scheduled(clip.tokenize(source_prompt))
         target = clip.encode_from_tokens_scheduled(clip.tokenize(target_prompt))
-        control = ac.AttentionControl(p2p=p2p, source_context=source[0][0].detach().cpu(),
-                                      target_context=target[0][0].detach().cpu())
+        control = ac.AttentionControl(p2p=p2p, source_context=glue.cond_embedding(source).detach().cpu(),
+                                      target_context=glue.cond_embedding(target).detach().cpu())
         return io.NodeOutput(control, source, target)
 
 
@@ -172,20 +173,22 @@ class MasaCtrl(io.ComfyNode):
                 io.Int.Input("start_step", default=4, min=0, max=1000,
                              tooltip="First sampling step with mutual self-attention (paper: 4 of 50; 0-1 for "
                                      "few-step LCM/Turbo models)."),
-                io.Int.Input("start_layer", default=-1, min=-1, max=200,
-                             tooltip="First self-attention layer in forward order. -1 = from the model: its first "
-                                     "decoder layer plus a third of its decoder layers, which is the paper's 10 of "
-                                     "SD1.x/2.x's 16 (decoder 7-15) and 46 of SDXL's 70 (decoder 34-69; MasaCtrl's "
-                                     "SDXL examples use 44-64). On SD3/Flux: the first transformer block, -1 = the "
-                                     "later half (Flux: 28 of its 19 double + 38 single blocks; SD3.5 medium: 12 of 24)."),
+                advanced(io.Int.Input("start_layer", default=-1, min=-1, max=200,
+                                      tooltip="First self-attention layer in forward order. -1 = from the model: its "
+                                              "first decoder layer plus a third of its decoder layers, which is the "
+                                              "paper's 10 of SD1.x/2.x's 16 (decoder 7-15) and 46 of SDXL's 70 "
+                                              "(decoder 34-69; MasaCtrl's SDXL examples use 44-64). On SD3/Flux: the "
+                                              "first transformer block, -1 = the later half (Flux: 28 of its 19 double "
+                                              "+ 38 single blocks; SD3.5 medium: 12 of 24).")),
                 io.Combo.Input("strategy", options=list(ac.MASA_STRATEGIES), default="source",
                                tooltip="What the target branch's queries attend to: source keys/values (paper default), "
                                        "both branches' (joint) or its own (none)."),
-                io.Combo.Input("base_strategy", options=list(ac.MASA_STRATEGIES), default="source",
-                               tooltip="The same for the base (unconditional) branch. Default 'source', as MasaCtrl's "
-                                       "code (both CFG halves) and ProxEdit supplement E (alpha = 1 with 'source' for "
-                                       "both noises); the supplement finds 'joint' or 'none' occasionally better "
-                                       "there; 'none' leaves the base branch untouched (one model evaluation less)."),
+                advanced(io.Combo.Input("base_strategy", options=list(ac.MASA_STRATEGIES), default="source",
+                                        tooltip="The same for the base (unconditional) branch. Default 'source', as "
+                                                "MasaCtrl's code (both CFG halves) and ProxEdit supplement E (alpha = "
+                                                "1 with 'source' for both noises); the supplement finds 'joint' or "
+                                                "'none' occasionally better there; 'none' leaves the base branch "
+                                                "untouched (one model evaluation less).")),
                 AttentionControl.Input("attention_control", optional=True,
                                        tooltip="A Prompt-to-Prompt control to combine with (cross-attention from it, "
                                                "self-attention from MasaCtrl once active)."),
@@ -219,29 +222,31 @@ def _prox_inputs() -> list:
                                "inversion's optimised embeddings)."),
         io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.1, round=0.01,
                        tooltip="Guidance scale w (paper: 7.5)."),
-        io.Combo.Input("prox", options=["hard", "soft", "none"], default="hard",
+        io.Combo.Input("prox", options=list(proxedit.PROX_MODES), default="hard",
                        tooltip="hard: l0 prox (keep entries above the threshold); soft: l1 prox (shrink by the "
                                "threshold); none: plain classifier-free guidance."),
         io.Float.Input("quantile", default=0.7, min=0.0, max=1.0, step=0.01,
                        tooltip="Threshold as this quantile of |eps_target - eps_base| per image (0.6-0.75 typical; "
                                "1 = no edit)."),
-        io.Float.Input("fixed_threshold", default=0.0, min=0.0, max=10.0, step=0.01,
-                       tooltip="If above 0, use this fixed threshold instead of the quantile."),
-        io.Int.Input("dilation", default=1, min=0, max=8, tooltip="Radius of the edit-mask dilation (max-pool)."),
-        io.Float.Input("inversion_guidance", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="eta of inversion guidance: pull the unedited region to the inversion trajectory while "
-                               "the noise level is below t_rec's (0 = off; 0.1-1)."),
-        io.Float.Input("reconstruction_guidance", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="eta of reconstruction guidance on the predicted x0 while the noise level is below "
-                               "t_rec's (supplement Alg. 2; 0.1)."),
-        io.Int.Input("t_rec", default=400, min=0, max=1000,
-                     tooltip="SD1.5 timestep equivalent (of SD's 1000) below whose noise level the inversion and "
-                             "reconstruction guidances act. 400 (paper): guided while the noise level is below SD's "
-                             "t=400, abar 0.42; the same level on every family, flow time s~0.54 on SD3/Flux (not "
-                             "their own timestep: Flux counts 10,000). 0 = never, 1000 = every step."),
-        io.Float.Input("source_null_mix", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Base 'source' only: slerp the source embedding toward the negative one by this amount "
-                               "(0 = pure negative-prompt inversion)."),
+        advanced(io.Float.Input("fixed_threshold", default=0.0, min=0.0, max=10.0, step=0.01,
+                                tooltip="If above 0, use this fixed threshold instead of the quantile.")),
+        advanced(io.Int.Input("dilation", default=1, min=0, max=8,
+                              tooltip="Radius of the edit-mask dilation (max-pool).")),
+        advanced(io.Float.Input("inversion_guidance", default=0.0, min=0.0, max=1.0, step=0.01,
+                                tooltip="eta of inversion guidance: pull the unedited region to the inversion "
+                                        "trajectory while the noise level is below t_rec's (0 = off; 0.1-1).")),
+        advanced(io.Float.Input("reconstruction_guidance", default=0.0, min=0.0, max=1.0, step=0.01,
+                                tooltip="eta of reconstruction guidance on the predicted x0 while the noise level is "
+                                        "below t_rec's (supplement Alg. 2; 0.1).")),
+        advanced(io.Int.Input("t_rec", default=400, min=0, max=1000,
+                              tooltip="SD1.5 timestep equivalent (of SD's 1000) below whose noise level the inversion "
+                                      "and reconstruction guidances act. 400 (paper): guided while the noise level is "
+                                      "below SD's t=400, abar 0.42; the same level on every family, flow time s~0.54 "
+                                      "on SD3/Flux (not their own timestep: Flux counts 10,000). 0 = never, 1000 = "
+                                      "every step.")),
+        advanced(io.Float.Input("source_null_mix", default=0.0, min=0.0, max=1.0, step=0.01,
+                                tooltip="Base 'source' only: slerp the source embedding toward the negative one by "
+                                        "this amount (0 = pure negative-prompt inversion).")),
         AttentionControl.Input("attention_control", optional=True,
                                tooltip="Prompt-to-Prompt and/or MasaCtrl control; the source branch then runs on the "
                                        "inversion's stored latents (one more model call per controlled step)."),
@@ -284,21 +289,7 @@ class _Edit:
                                              "source branch; invert with a prompt.")
             conds["source"] = source
             self._check_prompts(attention_control, source, target)
-            layers = glue.attention_layers(model)
-            if attention_control.p2p is not None and glue.dit_blocks(model) is not None:
-                raise glue.InverseInputError(
-                    "attention_control: prompt-to-prompt edits a UNet's cross-attention maps; SD3 and Flux have no "
-                    "cross-attention (prompt and image share one attention). Connect MasaCtrl alone (it shares the "
-                    "source image's keys and values in the later blocks), or disconnect attention_control: "
-                    "ProxEdit's proximal guidance alone works on it.")
-            masa = attention_control.masactrl
-            if masa is not None and masa.start_layer < 0:
-                masa = dataclasses.replace(masa, start_layer=glue.masactrl_start_layer(layers))
-                attention_control = dataclasses.replace(attention_control, masactrl=masa)
-            if masa is not None and masa.start_layer >= len(layers):
-                raise glue.InverseInputError(f"attention_control: MasaCtrl start_layer {masa.start_layer} is past this "
-                                             f"model's {len(layers)} attention layers (0-{len(layers) - 1}).")
-            self.controller = ac.AttentionController(attention_control, inversion.grid.steps)
+            self.controller = ac.AttentionController(self._fit_control(model, attention_control), inversion.grid.steps)
             self.model = glue.with_attention_control(model, self.controller)
         for name, c in conds.items():
             glue.check_cond_batch(c, B, name)
@@ -310,11 +301,31 @@ class _Edit:
                                        rec_abar=proxedit.sd_equivalent_abar(t_rec))
 
     @staticmethod
+    def _fit_control(model, attention_control):
+        """The attention control fitted to the model: prompt-to-prompt refused on SD3/Flux, MasaCtrl's
+        start_layer -1 resolved from the model's layers and checked against them."""
+        layers = glue.attention_layers(model)
+        if attention_control.p2p is not None and glue.dit_blocks(model) is not None:
+            raise glue.InverseInputError(
+                "attention_control: prompt-to-prompt edits a UNet's cross-attention maps; SD3 and Flux have no "
+                "cross-attention (prompt and image share one attention). Connect MasaCtrl alone (it shares the "
+                "source image's keys and values in the later blocks), or disconnect attention_control: "
+                "ProxEdit's proximal guidance alone works on it.")
+        masa = attention_control.masactrl
+        if masa is not None and masa.start_layer < 0:
+            masa = dataclasses.replace(masa, start_layer=glue.masactrl_start_layer(layers))
+            attention_control = dataclasses.replace(attention_control, masactrl=masa)
+        if masa is not None and masa.start_layer >= len(layers):
+            raise glue.InverseInputError(f"attention_control: MasaCtrl start_layer {masa.start_layer} is past this "
+                                         f"model's {len(layers)} attention layers (0-{len(layers) - 1}).")
+        return attention_control
+
+    @staticmethod
     def _check_prompts(control, source, target) -> None:
         for name, want, cond in (("source", control.source_context, source), ("target", control.target_context, target)):
             if want is None:
                 continue
-            have = cond[0][0].detach().cpu().float()
+            have = glue.cond_embedding(cond).detach().cpu().float()
             if have.shape != want.shape or not torch.allclose(have, want.float(), atol=1e-4, rtol=1e-3):
                 where = "the inversion's prompt" if name == "source" else "the 'target' input"
                 raise glue.InverseInputError(

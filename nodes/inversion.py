@@ -13,7 +13,8 @@ from ..core import ddim
 from ..core import inversion as inv
 from ..core.result import InversionResult
 from ..core.schedule import SPACINGS
-from . import comfy_glue as glue
+from . import comfy as glue
+from .schema import advanced
 from .types import CATEGORY, Inversion
 
 SPACING_OPTIONS = ["auto", *SPACINGS]
@@ -41,7 +42,7 @@ def _source_inputs(steps_default: int = 50, guidance_default: float = 1.0, negat
         io.Float.Input("guidance", default=guidance_default, min=0.0, max=30.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale the inversion is made for; sample with the same "
                                "scale to reconstruct."),
-        io.Combo.Input("spacing", options=SPACING_OPTIONS, default="auto", tooltip=_SPACING_TIP),
+        advanced(io.Combo.Input("spacing", options=SPACING_OPTIONS, default="auto", tooltip=_SPACING_TIP)),
     ]
 
 
@@ -130,7 +131,7 @@ def _outputs(model, result: InversionResult, positive=None, negative=None) -> io
     if negative is not None:
         result.extras.setdefault("negative_cond", negative)
     noise = glue.to_start_latent(result.noise_latent, result.grid.alphas_cumprod[0], glue.coords_of(model))
-    return io.NodeOutput(result, {"samples": model.model.process_latent_out(noise)},
+    return io.NodeOutput(result, {"samples": glue.to_latent_output(model, noise)},
                          glue.grid_sigmas(model, result.grid), _report(result))
 
 
@@ -170,7 +171,7 @@ class DDIMInversion(io.ComfyNode):
         return _outputs(model, InversionResult(traj, src.grid, "ddim", guidance, {"model_calls": calls}), positive, negative)
 
 
-EXACT_METHODS = ["anderson", "newton_krylov", "fixed_point", "rnri", "rnri_jacobian_free", "gradient_descent"]
+EXACT_METHODS = list(inv.SOLVERS)
 
 
 class ExactInversion(io.ComfyNode):
@@ -192,25 +193,28 @@ class ExactInversion(io.ComfyNode):
             inputs=_source_inputs() + [
                 io.Combo.Input("method", options=EXACT_METHODS, default="anderson",
                                tooltip="Solver for each step's implicit equation (see the description)."),
-                io.Int.Input("iterations", default=2, min=0, max=100,
-                             tooltip="Most updates per step. Model calls per step: iterations + 1 (anderson: the "
-                                     "DDIM estimate, then iterations - 1 secant steps; fixed_point); rnri_jacobian_free: "
-                                     "iterations (the authors' n_iters, 2); rnri and gradient_descent: iterations "
-                                     "forward and backward passes (one CFG branch at a time, so memory stays that of "
-                                     "one branch's graph) plus 2 forward; "
-                                     "newton_krylov: 2 + iterations x (krylov + 1)."),
-                io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
-                               tooltip="Stop an image's step once its mean|z - f(z)| is below this (not used by "
-                                       "rnri_jacobian_free, as in the authors' code)."),
-                io.Float.Input("lambda_prior", default=0.1, min=0.0, max=10.0, step=0.01,
-                               tooltip="RNRI's weight of the Gaussian prior (eq. 7; paper: 0.1). rnri: q(z | z_s) at "
-                                       "z, with its gradient (the paper); rnri_jacobian_free: centred on the clean "
-                                       "latent, read at the detached f(z) (the authors' code). Used by these two only."),
-                io.Int.Input("adjust_rounds", default=0, min=0, max=10,
-                             tooltip="Prompt-aware adjustment (RNRI sec. 4.2): rounds of noising 2 steps and "
-                                     "denoising them with the prompt before inverting; 2 helps at high guidance."),
-                io.Int.Input("krylov", default=3, min=1, max=20, optional=True,
-                             tooltip="newton_krylov only: GMRES iterations (Jacobian-vector products) per update."),
+                advanced(io.Int.Input("iterations", default=2, min=0, max=100,
+                                      tooltip="Most updates per step. Model calls per step: iterations + 1 (anderson: "
+                                              "the DDIM estimate, then iterations - 1 secant steps; fixed_point); "
+                                              "rnri_jacobian_free: iterations (the authors' n_iters, 2); rnri and "
+                                              "gradient_descent: iterations forward and backward passes (one CFG branch "
+                                              "at a time, so memory stays that of one branch's graph) plus 2 forward; "
+                                              "newton_krylov: 2 + iterations x (krylov + 1).")),
+                advanced(io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
+                                        tooltip="Stop an image's step once its mean|z - f(z)| is below this (not used "
+                                                "by rnri_jacobian_free, as in the authors' code).")),
+                advanced(io.Float.Input("lambda_prior", default=0.1, min=0.0, max=10.0, step=0.01,
+                                        tooltip="RNRI's weight of the Gaussian prior (eq. 7; paper: 0.1). rnri: q(z | "
+                                                "z_s) at z, with its gradient (the paper); rnri_jacobian_free: centred "
+                                                "on the clean latent, read at the detached f(z) (the authors' code). "
+                                                "Used by these two only.")),
+                advanced(io.Int.Input("adjust_rounds", default=0, min=0, max=10,
+                                      tooltip="Prompt-aware adjustment (RNRI sec. 4.2): rounds of noising 2 steps and "
+                                              "denoising them with the prompt before inverting; 2 helps at high "
+                                              "guidance.")),
+                advanced(io.Int.Input("krylov", default=3, min=1, max=20, optional=True,
+                                      tooltip="newton_krylov only: GMRES iterations (Jacobian-vector products) per "
+                                              "update.")),
             ],
             outputs=_result_outputs(),
         )
@@ -219,8 +223,6 @@ class ExactInversion(io.ComfyNode):
     def execute(cls, model, positive, steps, guidance, spacing, method, iterations, tolerance, lambda_prior,
                 adjust_rounds, negative=None, latent=None, image=None, vae=None, krylov=3) -> io.NodeOutput:
         glue.check_widgets(cls, locals())
-        if method not in EXACT_METHODS:
-            raise glue.InverseInputError(f"method: choose one of {', '.join(EXACT_METHODS)}.")
         src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
         cfg = inv.SolverConfig(iterations=iterations, tol=tolerance, lam=lambda_prior, krylov=krylov)
 
@@ -278,14 +280,14 @@ class NullTextInversion(io.ComfyNode):
                          "and used by Sample from Inversion, which then reconstructs at the chosen guidance."),
             inputs=_source_inputs(guidance_default=7.5, negative_tip=(
                 "The unconditional prompt whose embedding is optimised (usually empty text).")) + [
-                io.Int.Input("inner_steps", default=10, min=1, max=200,
-                             tooltip="Most Adam iterations per step (paper: 10)."),
-                io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=1e-4, round=1e-5,
-                               tooltip="Adam learning rate at the first step (paper: 0.01); at diffusion step i it is "
-                                       "this x (1 - i/100), the authors' schedule."),
-                io.Float.Input("tolerance", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
-                               tooltip="Early stop of step i once the loss is below this + i x 2e-5 (the authors' "
-                                       "schedule; i counts diffusion steps from the noisiest)."),
+                advanced(io.Int.Input("inner_steps", default=10, min=1, max=200,
+                                      tooltip="Most Adam iterations per step (paper: 10).")),
+                advanced(io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=1e-4, round=1e-5,
+                                        tooltip="Adam learning rate at the first step (paper: 0.01); at diffusion step "
+                                                "i it is this x (1 - i/100), the authors' schedule.")),
+                advanced(io.Float.Input("tolerance", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
+                                        tooltip="Early stop of step i once the loss is below this + i x 2e-5 (the "
+                                                "authors' schedule; i counts diffusion steps from the noisiest).")),
             ],
             outputs=_result_outputs(),
         )
@@ -425,6 +427,8 @@ class SampleFromInversion(io.ComfyNode):
         return io.NodeOutput({"samples": glue.run_with_predictor(model, conds, shape, run)})
 
 
+#: DDIM inversion and the solvers of inv.SOLVERS that need only forward calls (RNRI and gradient
+#: descent need gradients through the GUIDER, which a SAMPLER cannot ask for)
 SAMPLER_METHODS = ["ddim", "anderson", "newton_krylov", "fixed_point"]
 
 
@@ -460,13 +464,15 @@ class DDIMInversionSampler(io.ComfyNode):
                                tooltip="ddim: one model call per step; anderson (3 calls per step at 2 "
                                        "iterations): far closer reconstructions; newton_krylov: more calls, most "
                                        "robust at few steps and high guidance."),
-                io.Int.Input("iterations", default=2, min=0, max=100, optional=True,
-                             tooltip="Exact solvers: most updates per step (model calls per step: iterations + 1; "
-                                     "newton_krylov: 2 + iterations x (krylov + 1))."),
-                io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6, optional=True,
-                               tooltip="Exact solvers: stop an image's step once mean|z - f(z)| is below this."),
-                io.Int.Input("krylov", default=3, min=1, max=20, optional=True,
-                             tooltip="newton_krylov only: GMRES iterations (Jacobian-vector products) per update."),
+                advanced(io.Int.Input("iterations", default=2, min=0, max=100, optional=True,
+                                      tooltip="Exact solvers: most updates per step (model calls per step: iterations + "
+                                              "1; newton_krylov: 2 + iterations x (krylov + 1)).")),
+                advanced(io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
+                                        optional=True,
+                                        tooltip="Exact solvers: stop an image's step once mean|z - f(z)| is below this.")),
+                advanced(io.Int.Input("krylov", default=3, min=1, max=20, optional=True,
+                                      tooltip="newton_krylov only: GMRES iterations (Jacobian-vector products) per "
+                                              "update.")),
             ],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustomAdvanced.")],
         )
@@ -474,8 +480,6 @@ class DDIMInversionSampler(io.ComfyNode):
     @classmethod
     def execute(cls, method="ddim", iterations=2, tolerance=1e-4, krylov=3) -> io.NodeOutput:
         glue.check_widgets(cls, locals())
-        if method not in SAMPLER_METHODS:
-            raise glue.InverseInputError(f"method: choose one of {', '.join(SAMPLER_METHODS)}.")
         return io.NodeOutput(glue.make_inversion_sampler(_sampler_inversion(method, iterations, tolerance, krylov)))
 
 

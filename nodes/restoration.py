@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+from types import SimpleNamespace
 
 import torch
 from comfy_api.latest import io
 
 from ..core import operators as ops
 from ..core import restoration as rs
-from . import comfy_glue as glue
+from . import comfy as glue
+from .schema import advanced
 from .types import CATEGORY, Operator
 
-KINDS = ["sr_avgpool", "sr_bicubic", "gaussian_blur", "motion_blur", "inpaint_random", "inpaint_box",
-         "inpaint_freeform", "inpaint_mask", "salt_pepper", "gaussian_noise"]
+
+
+def _inpaint_mask(w) -> ops.Operator:
+    if w.mask is None:
+        raise glue.InverseInputError("mask: kind inpaint_mask needs a MASK (white = missing pixels).")
+    return ops.Inpaint(1.0 - w.mask.float(), "inpaint_mask", w.sigma_y)
+
+
+def _lazy_mask(kind: str):
+    return lambda w: ops.LazyMaskInpaint(kind, w.seed, drop=w.mask_amount, box=w.mask_amount, sigma_y=w.sigma_y)
+
+
+#: kind -> the operator it builds from Degradation Operator's widget values (its options, in their order)
+OPERATORS = {
+    "sr_avgpool": lambda w: ops.AvgPoolSR(w.scale_factor, w.sigma_y),
+    "sr_bicubic": lambda w: ops.BicubicSR(w.scale_factor, w.sigma_y),
+    "gaussian_blur": lambda w: ops.Blur(ops.gaussian_kernel(w.kernel_size, w.blur_sigma), "gaussian_blur", w.sigma_y),
+    "motion_blur": lambda w: ops.Blur(ops.motion_kernel(w.kernel_size, w.motion_intensity, w.seed), "motion_blur",
+                                      w.sigma_y),
+    "inpaint_random": _lazy_mask("random"),
+    "inpaint_box": _lazy_mask("box"),
+    "inpaint_freeform": _lazy_mask("freeform"),
+    "inpaint_mask": _inpaint_mask,
+    "salt_pepper": lambda w: ops.SaltPepper(w.mask_amount if w.mask_amount > 0 else 0.02),
+    "gaussian_noise": lambda w: ops.GaussianNoise(w.sigma_y),
+}
+KINDS = list(OPERATORS)
 
 
 def to_signed(image: torch.Tensor) -> torch.Tensor:
@@ -41,7 +67,8 @@ class DegradationOperator(io.ComfyNode):
             inputs=[
                 io.Combo.Input("kind", options=KINDS, default="sr_avgpool", tooltip="The degradation."),
                 io.Int.Input("scale_factor", default=4, min=2, max=16, tooltip="Super-resolution factor (4 or 8)."),
-                io.Int.Input("kernel_size", default=61, min=3, max=255, step=2, tooltip="Blur kernel size (odd; papers: 61)."),
+                advanced(io.Int.Input("kernel_size", default=61, min=3, max=255, step=2,
+                                      tooltip="Blur kernel size (odd; papers: 61).")),
                 io.Float.Input("blur_sigma", default=3.0, min=0.1, max=50.0, step=0.1, tooltip="Gaussian blur sigma (3)."),
                 io.Float.Input("motion_intensity", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Motion blur: 0 = straight streak, 1 = tangled shake (papers: 0.5)."),
@@ -64,26 +91,7 @@ class DegradationOperator(io.ComfyNode):
                 mask=None) -> io.NodeOutput:
         glue.check_widgets(cls, locals())
         try:
-            if kind == "sr_avgpool":
-                op = ops.AvgPoolSR(scale_factor, sigma_y)
-            elif kind == "sr_bicubic":
-                op = ops.BicubicSR(scale_factor, sigma_y)
-            elif kind == "gaussian_blur":
-                op = ops.Blur(ops.gaussian_kernel(kernel_size, blur_sigma), "gaussian_blur", sigma_y)
-            elif kind == "motion_blur":
-                op = ops.Blur(ops.motion_kernel(kernel_size, motion_intensity, seed), "motion_blur", sigma_y)
-            elif kind in ("inpaint_random", "inpaint_box", "inpaint_freeform"):
-                op = ops.LazyMaskInpaint(kind.split("_")[1], seed, drop=mask_amount, box=mask_amount, sigma_y=sigma_y)
-            elif kind == "inpaint_mask":
-                if mask is None:
-                    raise glue.InverseInputError("mask: kind inpaint_mask needs a MASK (white = missing pixels).")
-                op = ops.Inpaint(1.0 - mask.float(), "inpaint_mask", sigma_y)
-            elif kind == "salt_pepper":
-                op = ops.SaltPepper(mask_amount if mask_amount > 0 else 0.02)
-            elif kind == "gaussian_noise":
-                op = ops.GaussianNoise(sigma_y)
-            else:
-                raise glue.InverseInputError(f"kind: choose one of {', '.join(KINDS)}.")
+            op = OPERATORS[kind](SimpleNamespace(**locals()))
         except ops.OperatorError as exc:
             raise glue.InverseInputError(str(exc)) from None
         return io.NodeOutput(op)
@@ -122,18 +130,98 @@ class DegradeImage(io.ComfyNode):
             y = operator.measure(x, torch.Generator().manual_seed(int(seed)))
         except ops.OperatorError as exc:
             raise glue.InverseInputError(str(exc)) from None
-        if isinstance(operator, ops.Blur):
-            k = operator.kernel
-            view = (k / k.max())[None, :, :, None].expand(1, *k.shape, 3)
-        elif isinstance(operator, ops.Inpaint):
-            view = operator._m(x)[:, :1].movedim(1, -1).expand(-1, -1, -1, 3)
-        else:
-            view = to_image(operator.At(operator.A(x), x))
+        view = operator.view(x).movedim(1, -1)
         return io.NodeOutput(to_image(y), view.float().contiguous())
 
 
-METHODS = ["stsl", "ldps", "psld", "p2l"]
-METHOD_NAMES = {"stsl": "STSL", "ldps": "LDPS", "psld": "PSLD", "p2l": "P2L"}
+METHODS = list(rs.METHODS)
+#: the stsl_start options -> core's RestorationConfig.start
+STSL_STARTS = {"measurement": "adjoint", "back_projection": "back_projection", "gaussian": "gaussian"}
+
+
+def _problem_inputs() -> list:
+    """The problem, the method and the inputs LDPS, PSLD and P2L share."""
+    return [
+        io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x, SDXL, or a flow model (SD3/SD3.5, Flux)."),
+        io.Vae.Input("vae", tooltip="The checkpoint's VAE (its decoder is differentiated)."),
+        io.Conditioning.Input("positive", tooltip="A prompt, e.g. 'a high quality photo' (P2L tunes it)."),
+        io.Image.Input("measurement", tooltip="The degraded image y (small for super-resolution)."),
+        Operator.Input("operator", tooltip="The Degradation Operator that produced y (same settings)."),
+        io.Combo.Input("method", options=METHODS, default="stsl", tooltip="The posterior sampler."),
+        io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (STSL paper: 50)."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Seed of the starting noise and of every random draw."),
+        io.Float.Input("step_size", default=1.0, min=0.0, max=100.0, step=0.01,
+                       tooltip="LDPS/PSLD/P2L: data-consistency step zeta (DPS: 1.0, on the residual norm)."),
+        advanced(io.Float.Input("gluing", default=0.1, min=0.0, max=10.0, step=0.01,
+                                tooltip="PSLD: weight gamma of the gluing term (paper: 0.1).")),
+        advanced(io.Float.Input("stochasticity", default=0.0, min=0.0, max=1.0, step=0.05,
+                                tooltip="LDPS/PSLD/P2L: DDIM eta (0 deterministic, 1 DDPM; P2L paper: 0.8).")),
+    ]
+
+
+def _stsl_inputs() -> list:
+    """STSL's settings (Algorithm 1), the paper's values by default."""
+    return [
+        advanced(io.Int.Input("stsl_inner_steps", default=5, min=1, max=50,
+                              tooltip="STSL: Adam updates K per step (paper: 5).")),
+        advanced(io.Float.Input("stsl_lambda", default=1.0, min=0.0, max=100.0, step=0.01,
+                                tooltip="STSL: weight lambda of the measurement loss (paper: 1).")),
+        advanced(io.Float.Input("stsl_trace_weight", default=0.02, min=0.0, max=10.0, step=0.001,
+                                tooltip="STSL: weight eta of the Hutchinson trace term (paper: 0.02).")),
+        advanced(io.Float.Input("stsl_lr", default=0.01, min=1e-5, max=1.0, step=1e-4,
+                                tooltip="STSL: Adam learning rate, decaying by 0.998 per step (paper: 0.01).")),
+        advanced(io.Combo.Input("stsl_start", options=list(STSL_STARTS),
+                                default="measurement",
+                                tooltip="STSL: measurement = the paper's E(A^T y), A^T y scaled to a pseudo-inverse, "
+                                        "noised forward; back_projection = E(argmin ||y - Ax||^2 + 0.01||x||^2) "
+                                        "(sharper, but it amplifies the noise of a long motion blur ~3x); gaussian = "
+                                        "Gaussian noise (the authors' advice for free-form inpainting).")),
+    ]
+
+
+def _p2l_inputs() -> list:
+    """P2L's prompt tuning and projection."""
+    return [
+        advanced(io.Int.Input("p2l_prompt_steps", default=1, min=0, max=20,
+                              tooltip="P2L: Adam steps on the text embedding (and the pooled vector on SDXL, SD3, "
+                                      "Flux) per sampling step (1-5).")),
+        advanced(io.Float.Input("p2l_prompt_lr", default=1e-3, min=1e-6, max=1.0, step=1e-5,
+                                tooltip="P2L: learning rate of the prompt tuning (1e-4 .. 1e-3).")),
+        advanced(io.Int.Input("p2l_project_every", default=4, min=0, max=100,
+                              tooltip="P2L: project onto the measurements every this many steps (0 = never; 3-5).")),
+        advanced(io.Int.Input("p2l_cg_iters", default=10, min=1, max=200,
+                              tooltip="P2L: conjugate-gradient iterations of the projection (10).")),
+        advanced(io.Float.Input("p2l_cg_lambda", default=0.01, min=1e-6, max=10.0, step=1e-4,
+                                tooltip="P2L: proximal weight of the projection (small: trust the measurement).")),
+    ]
+
+
+def _decoder_inputs() -> list:
+    """How the decoder's autograd memory is bounded."""
+    return [
+        advanced(io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
+                                tooltip="Autograd memory of the decoder: tiled (the image is cut into the fewest equal "
+                                        "overlapping tiles no larger than tile_size, decoded one at a time and "
+                                        "recomputed in the backward pass, so the peak is that of one tile whatever the "
+                                        "image size), checkpoint (recompute the whole decoder in the backward pass: "
+                                        "holds less between steps but peaks like full), full (fastest, most memory). "
+                                        "The output image is always decoded whole, as VAE Decode does.")),
+        advanced(io.Int.Input("tile_size", default=40, min=16, max=256, step=8,
+                              tooltip="Largest tile side in latent pixels for decoder_memory 'tiled' (40 = 320 px: a "
+                                      "512x512 image decodes as 4 tiles of 280 px, about a third of the memory of a "
+                                      "whole decode; images up to 320 px decode whole). Seams are feathered over "
+                                      "an eighth of the tile.")),
+    ]
+
+
+def _restore_inputs() -> list:
+    """Restore's inputs in their saved-workflow order: stsl_noise_samples came last, after the others."""
+    return _problem_inputs() + _stsl_inputs() + _p2l_inputs() + _decoder_inputs() + [
+        advanced(io.Int.Input("stsl_noise_samples", default=2, min=1, max=8, optional=True,
+                              tooltip="STSL: noise samples N averaged in each Hutchinson trace estimate, evaluated in "
+                                      "one batched model call (paper: 2).")),
+    ]
 
 
 class Restore(io.ComfyNode):
@@ -149,63 +237,7 @@ class Restore(io.ComfyNode):
                          "fewest model calls), LDPS (latent DPS), PSLD (LDPS + gluing term) and P2L (per-step prompt "
                          "tuning + projection onto the measurements). Gradients flow through the VAE decoder; "
                          "decoder_memory bounds their memory at 512x512 and above."),
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x, SDXL, or a flow model (SD3/SD3.5, Flux)."),
-                io.Vae.Input("vae", tooltip="The checkpoint's VAE (its decoder is differentiated)."),
-                io.Conditioning.Input("positive", tooltip="A prompt, e.g. 'a high quality photo' (P2L tunes it)."),
-                io.Image.Input("measurement", tooltip="The degraded image y (small for super-resolution)."),
-                Operator.Input("operator", tooltip="The Degradation Operator that produced y (same settings)."),
-                io.Combo.Input("method", options=METHODS, default="stsl", tooltip="The posterior sampler."),
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sampling steps (STSL paper: 50)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the starting noise and of every random draw."),
-                io.Float.Input("step_size", default=1.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="LDPS/PSLD/P2L: data-consistency step zeta (DPS: 1.0, on the residual norm)."),
-                io.Float.Input("gluing", default=0.1, min=0.0, max=10.0, step=0.01,
-                               tooltip="PSLD: weight gamma of the gluing term (paper: 0.1)."),
-                io.Float.Input("stochasticity", default=0.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="LDPS/PSLD/P2L: DDIM eta (0 deterministic, 1 DDPM; P2L paper: 0.8)."),
-                io.Int.Input("stsl_inner_steps", default=5, min=1, max=50,
-                             tooltip="STSL: Adam updates K per step (paper: 5)."),
-                io.Float.Input("stsl_lambda", default=1.0, min=0.0, max=100.0, step=0.01,
-                               tooltip="STSL: weight lambda of the measurement loss (paper: 1)."),
-                io.Float.Input("stsl_trace_weight", default=0.02, min=0.0, max=10.0, step=0.001,
-                               tooltip="STSL: weight eta of the Hutchinson trace term (paper: 0.02)."),
-                io.Float.Input("stsl_lr", default=0.01, min=1e-5, max=1.0, step=1e-4,
-                               tooltip="STSL: Adam learning rate, decaying by 0.998 per step (paper: 0.01)."),
-                io.Combo.Input("stsl_start", options=["measurement", "back_projection", "gaussian"],
-                               default="measurement",
-                               tooltip="STSL: measurement = the paper's E(A^T y), A^T y scaled to a pseudo-inverse, "
-                                       "noised forward; back_projection = E(argmin ||y - Ax||^2 + 0.01||x||^2) (sharper, "
-                                       "but it amplifies the noise of a long motion blur ~3x); gaussian = Gaussian noise "
-                                       "(the authors' advice for free-form inpainting)."),
-                io.Int.Input("p2l_prompt_steps", default=1, min=0, max=20,
-                             tooltip="P2L: Adam steps on the text embedding (and the pooled vector on SDXL, SD3, "
-                                     "Flux) per sampling step (1-5)."),
-                io.Float.Input("p2l_prompt_lr", default=1e-3, min=1e-6, max=1.0, step=1e-5,
-                               tooltip="P2L: learning rate of the prompt tuning (1e-4 .. 1e-3)."),
-                io.Int.Input("p2l_project_every", default=4, min=0, max=100,
-                             tooltip="P2L: project onto the measurements every this many steps (0 = never; 3-5)."),
-                io.Int.Input("p2l_cg_iters", default=10, min=1, max=200,
-                             tooltip="P2L: conjugate-gradient iterations of the projection (10)."),
-                io.Float.Input("p2l_cg_lambda", default=0.01, min=1e-6, max=10.0, step=1e-4,
-                               tooltip="P2L: proximal weight of the projection (small: trust the measurement)."),
-                io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
-                               tooltip="Autograd memory of the decoder: tiled (the image is cut into the fewest equal "
-                                       "overlapping tiles no larger than tile_size, decoded one at a time and "
-                                       "recomputed in the backward pass, so the peak is that of one tile whatever the "
-                                       "image size), checkpoint (recompute the whole decoder in the backward pass: "
-                                       "holds less between steps but peaks like full), full (fastest, most memory). "
-                                       "The output image is always decoded whole, as VAE Decode does."),
-                io.Int.Input("tile_size", default=40, min=16, max=256, step=8,
-                             tooltip="Largest tile side in latent pixels for decoder_memory 'tiled' (40 = 320 px: a "
-                                     "512x512 image decodes as 4 tiles of 280 px, about a third of the memory of a "
-                                     "whole decode; images up to 320 px decode whole). Seams are feathered over "
-                                     "an eighth of the tile."),
-                io.Int.Input("stsl_noise_samples", default=2, min=1, max=8, optional=True,
-                             tooltip="STSL: noise samples N averaged in each Hutchinson trace estimate, evaluated in "
-                                     "one batched model call (paper: 2)."),
-            ],
+            inputs=_restore_inputs(),
             outputs=[io.Image.Output(display_name="image", tooltip="The restored image."),
                      io.Latent.Output(display_name="latent", tooltip="Its latent."),
                      io.String.Output(display_name="report",
@@ -221,103 +253,117 @@ class Restore(io.ComfyNode):
         glue.check_diffusion_model(model)
         if not isinstance(operator, ops.Operator):
             raise glue.InverseInputError("operator: connect a Degradation Operator node.")
-        if method not in METHODS:
-            raise glue.InverseInputError(f"method: choose one of {', '.join(METHODS)}.")
         if vae is None:
             raise glue.InverseInputError("vae: connect the checkpoint's VAE.")
         y = to_signed(glue.check_image(measurement, "measurement"))
         B = y.shape[0]
         glue.check_cond_batch(positive, B, "positive")
-        x_shape = operator.x_shape(tuple(y.shape))
-        like = torch.zeros(x_shape)
         try:
-            if tuple(operator.A(like).shape) != tuple(y.shape):
-                raise glue.InverseInputError(f"measurement: its size {tuple(y.shape[-2:])} does not match the operator.")
+            x_shape = operator.image_shape(tuple(y.shape))
         except ops.OperatorError as exc:
             raise glue.InverseInputError(str(exc)) from None
-        latent_format = model.get_model_object("latent_format")
         f = glue.vae_downscale(vae)
         H, W = x_shape[-2:]
         if H % f or W % f:
             raise glue.InverseInputError(f"measurement: the restored image would be {W}x{H}; the VAE needs multiples of "
                                          f"{f}. Resize the input to e.g. {W - W % f}x{H - H % f} (times the SR factor).")
+        cfg = rs.RestorationConfig(
+            zeta=step_size, eta=stochasticity, gamma=gluing, K=stsl_inner_steps, lam=stsl_lambda,
+            trace_weight=stsl_trace_weight, lr=stsl_lr, N=stsl_noise_samples, start=STSL_STARTS[stsl_start],
+            prompt_steps=p2l_prompt_steps, prompt_lr=p2l_prompt_lr, project_every=p2l_project_every,
+            cg_iters=p2l_cg_iters, cg_lambda=p2l_cg_lambda)
         grid = glue.make_grid(model, steps)
         gen = torch.Generator().manual_seed(int(seed))
-        z_T = torch.randn((B, latent_format.latent_channels, H // f, W // f), generator=gen)
-        progress = glue.ProgressReporter(grid.steps)
-
-        def run(pred):
-            codec = glue.LatentCodec(vae, model, decoder_memory, tile_size)
-            dev = pred.device
-            yy, lk, z0 = y.to(dev), like.to(dev), z_T.to(dev)
-
-            @contextlib.contextmanager
-            def grad_context():
-                with pred.autograd(), codec.autograd():
-                    yield
-
-            # every latent a step produces, the last one (the one returned) included, is checked in
-            # the units of the LATENT this node outputs too (core checks the model's unit-scale
-            # coordinates): SD1.5's latent format divides by 0.18215, so a latent that core still
-            # passes (RMS 50 there) would come back with an RMS of 275
-            name = METHOD_NAMES[method]
-            unit = torch.randn((1, z_T.shape[1], 64, 64), generator=torch.Generator().manual_seed(0)).to(dev)
-            typical = float(pred.process_latent_out(unit).pow(2).mean().sqrt())  # SD1.5: 5.5
-            units = f"in the output LATENT's units, where a prior latent's is about {typical:.2g}"
-
-            def check_output(z, step):
-                rs.check_diverged(pred.process_latent_out(z), step, name, units=units)
-
-            def callback(i, total, z):
-                check_output(z, i)
-                progress(i, total, z)
-
-            extra = {}
-            if method in ("ldps", "psld"):
-                z, res = rs.ldps(pred, codec.decode, operator, yy, grid, "positive", z0, zeta=step_size,
-                                 eta=stochasticity, gamma=gluing if method == "psld" else 0.0, encode=codec.encode,
-                                 generator=gen, callback=callback, grad_context=grad_context)
-            elif method == "stsl":
-                z_init = torch.randn(z0.shape, generator=gen).to(dev) if stsl_start == "gaussian" else None
-                z, res, nfe = rs.stsl(pred, codec.decode, codec.encode, operator, yy, grid, "positive", lk,
-                                      K=stsl_inner_steps, lam=stsl_lambda, eta=stsl_trace_weight, lr=stsl_lr,
-                                      z_init=z_init, generator=gen, callback=callback, grad_context=grad_context,
-                                      N=stsl_noise_samples,
-                                      start="back_projection" if stsl_start == "back_projection" else "adjoint")
-                extra = {"nfe_as_the_paper_counts": nfe}
-            else:
-                # where the model reads a pooled vector in every block (SDXL, SD3, Flux) it is tuned too
-                emb, layout = glue.PromptLayout.pack(pred.embedding("positive").float(), pred.pooled("positive"))
-                z, res, tuned, losses = rs.p2l(pred, codec.decode, codec.encode, operator, yy, grid,
-                                               lambda C: layout.cond("positive", C), emb, z0, rho=step_size,
-                                               eta=stochasticity, prompt_steps=p2l_prompt_steps,
-                                               prompt_lr=p2l_prompt_lr, project_every=p2l_project_every,
-                                               cg_iters=p2l_cg_iters, cg_lambda=p2l_cg_lambda, generator=gen,
-                                               callback=callback, grad_context=grad_context)
-                def change(a, b):
-                    return float((a - b.to(a)).norm() / b.norm().clamp_min(1e-12))
-
-                T = layout.tokens
-                extra = {"embedding_change": change(tuned[:, :T], emb[:, :T]),
-                         "pooled_change": change(tuned[:, T], emb[:, T]) if layout.pooled else None,
-                         "prompt_loss_first_step": losses[:2]}
-            check_output(z, grid.steps - 1)  # the returned latent, whatever a method's callbacks saw
-            with torch.no_grad():
-                x_hat = to_signed(codec.decode_output(z)).to(yy.device)
-                r = float((yy - operator.A(x_hat)).reshape(B, -1).norm(dim=1).mean())
-            m = yy[0].numel()
-            report = {"method": method, "steps": grid.steps, "unet_calls": pred.calls,
-                      "unet_calls_with_gradients": pred.grad_calls, "decoder_calls": codec.calls,
-                      "residual": r, "consistency": (r / (operator.sigma_y * math.sqrt(m)))
-                      if operator.sigma_y > 0 else None, "residual_per_step": res, **extra}
-            return pred.process_latent_out(z).cpu(), to_image(x_hat.cpu()), report
-
+        z_T = torch.randn((B, glue.model_latent_channels(model), H // f, W // f), generator=gen)
+        codec = lambda: glue.LatentCodec(vae, model, decoder_memory, tile_size)  # noqa: E731 (made in the run)
+        restore = _Restoration(method, cfg, operator, y, grid, z_T, gen, codec)
         try:
-            latent, image, report = glue.run_with_predictor(model, {"positive": positive}, z_T.shape, run,
+            latent, image, report = glue.run_with_predictor(model, {"positive": positive}, z_T.shape, restore,
                                                             seed=int(seed))
         except rs.DivergenceError as exc:
             raise glue.InverseInputError(f"step_size/stsl_lr: {exc}") from None
         return io.NodeOutput(image.float().contiguous(), {"samples": latent}, json.dumps(report))
+
+
+def _change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b.to(a)).norm() / b.norm().clamp_min(1e-12))
+
+
+def _prepare_stsl(pred, problem: rs.Problem):
+    """STSL's report entry."""
+    return lambda result: {"nfe_as_the_paper_counts": result.report["evaluations"]}
+
+
+def _prepare_p2l(pred, problem: rs.Problem):
+    """P2L tunes the prompt: its embedding, and where the model reads a pooled vector in every block
+    (SDXL, SD3, Flux) that vector too; the report says how far they moved."""
+    emb, layout = glue.PromptLayout.pack(pred.embedding("positive").float(), pred.pooled("positive"))
+    problem.embedding, problem.make_cond = emb, lambda C: layout.cond("positive", C)
+
+    def report(result: rs.RestorationResult) -> dict:
+        tuned, T = result.report["embedding"], layout.tokens
+        return {"embedding_change": _change(tuned[:, :T], emb[:, :T]),
+                "pooled_change": _change(tuned[:, T], emb[:, T]) if layout.pooled else None,
+                "prompt_loss_first_step": result.report["prompt_loss"][:2]}
+
+    return report
+
+
+#: per method, what the node adds to the problem before the run; returns the method's report entries
+METHOD_PREPARE = {"stsl": _prepare_stsl, "p2l": _prepare_p2l}
+
+
+def _prepare_nothing(pred, problem):
+    return lambda result: {}
+
+
+class _Restoration:
+    """One Restore run on the predictor of glue.run_with_predictor: returns (LATENT samples, IMAGE, report)."""
+
+    def __init__(self, method, cfg, operator, y, grid, z_T, gen, make_codec):
+        self.method, self.cfg, self.operator, self.y, self.grid = method, cfg, operator, y, grid
+        self.z_T, self.gen, self.make_codec = z_T, gen, make_codec
+        self.progress = glue.ProgressReporter(grid.steps)
+
+    def output_check(self, pred):
+        """Every latent a step produces, the last one (the one returned) included, is checked in the
+        units of the LATENT this node outputs too (core checks the model's unit-scale coordinates):
+        SD1.5's latent format divides by 0.18215, so a latent that core still passes (RMS 50 there)
+        would come back with an RMS of 275."""
+        name = self.method.upper()
+        unit = torch.randn((1, self.z_T.shape[1], 64, 64), generator=torch.Generator().manual_seed(0)).to(pred.device)
+        typical = float(pred.process_latent_out(unit).pow(2).mean().sqrt())  # SD1.5: 5.5
+        units = f"in the output LATENT's units, where a prior latent's is about {typical:.2g}"
+        return lambda z, step: rs.check_diverged(pred.process_latent_out(z), step, name, units=units)
+
+    def __call__(self, pred):
+        codec = self.make_codec()
+        yy, z0 = self.y.to(pred.device), self.z_T.to(pred.device)
+
+        @contextlib.contextmanager
+        def grad_context():
+            with pred.autograd(), codec.autograd():
+                yield
+
+        check_output = self.output_check(pred)
+
+        def callback(i, total, z):
+            check_output(z, i)
+            self.progress(i, total, z)
+
+        problem = rs.Problem(pred, codec.decode, self.operator, yy, self.grid, "positive", z0, encode=codec.encode,
+                             generator=self.gen, callback=callback, grad_context=grad_context)
+        extra = METHOD_PREPARE.get(self.method, _prepare_nothing)(pred, problem)
+        result = rs.METHODS[self.method](problem, self.cfg)
+        z = result.latent
+        check_output(z, self.grid.steps - 1)  # the returned latent, whatever a method's callbacks saw
+        with torch.no_grad():
+            x_hat = to_signed(codec.decode_output(z)).to(yy.device)
+            consistency = self.operator.consistency(yy, x_hat)
+        report = {"method": self.method, "steps": self.grid.steps, "unet_calls": pred.calls,
+                  "unet_calls_with_gradients": pred.grad_calls, "decoder_calls": codec.calls,
+                  **consistency, "residual_per_step": result.residuals, **extra(result)}
+        return pred.process_latent_out(z).cpu(), to_image(x_hat.cpu()), report
 
 
 NODES = [DegradationOperator, DegradeImage, Restore]

@@ -48,7 +48,7 @@ if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] && ! command -v chromium
 fi
 
 set +e
-"$COMFYUI_PYTHON" -m pytest -q -rs tests "$@"
+"$COMFYUI_PYTHON" -m pytest -q -rs --durations=30 tests "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -228,11 +228,15 @@ def stage_context(state: Path) -> None:
 
 
 def ddpm_tables():
-    import torch
-    sys.path.insert(0, str(tb.ROOT))
-    from core.schedule import scaled_linear_alphas_cumprod
+    """SD1.5's abar table from the pack's core/schedule.py, loaded as a file (it imports only torch), so
+    that the repo root never goes on sys.path (its nodes/ package would shadow ComfyUI's nodes.py)."""
+    import importlib.util
 
-    return scaled_linear_alphas_cumprod().float()
+    spec = importlib.util.spec_from_file_location("_inverse_schedule", tb.ROOT / "core" / "schedule.py")
+    schedule = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = schedule  # dataclasses look their module up
+    spec.loader.exec_module(schedule)
+    return schedule.scaled_linear_alphas_cumprod().float()
 
 
 def stage_unet(state: Path, steps: int, batch: int = 64, lr: float = 3e-4) -> None:

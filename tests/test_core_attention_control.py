@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from comfyui_inverse.core import attention_control as ac
-from comfyui_inverse.core import ddim, proxedit, schedule
-from comfyui_inverse.core.reference import ToyAttentionModel
-from comfyui_inverse.core.result import InversionResult
+from comfyui_inverse.core import proxedit
+from support.core_models import TOKENS, toy_inversion
 
-T = 8  # context tokens in these tests
+T = TOKENS  # context tokens in these tests (the toy attention model's)
 
 
 def _p2p(**kw):
@@ -207,20 +206,8 @@ def test_local_blend_mask_threshold_and_union():
 # ------------------------------------------------------------------------------------------------
 # the full edit loop on the toy attention model
 
-def _toy(steps=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ctx = {k: torch.randn(T, 12, generator=g) for k in ("src", "tar", "null")}
-    ctx["same"] = ctx["src"].clone()
-    model = ToyAttentionModel(ctx)
-    acp = schedule.scaled_linear_alphas_cumprod()
-    grid = schedule.TimestepGrid.from_schedule(acp, schedule.timestep_spacing(steps, steps_offset=1))
-    z0 = torch.randn(2, 4, 8, 8, generator=g) * 0.5
-    traj = ddim.ddim_invert(model, z0, grid, "src")
-    return model, InversionResult(traj, grid, "npi", 1.0), z0
-
-
 def test_hooks_change_only_the_conditional_target_branch_in_the_model():
-    model, res, _ = _toy()
+    model, res, _ = toy_inversion()
     z_src, z = res.trajectory[3], res.trajectory[3] + 0.3
     plain = model(z, 500, ["src", "tar"])
     model.controller = ctl = ac.AttentionController(
@@ -232,7 +219,7 @@ def test_hooks_change_only_the_conditional_target_branch_in_the_model():
 
 
 def test_replace_with_the_source_prompt_on_the_source_latent_is_the_identity():
-    model, res, _ = _toy()
+    model, res, _ = toy_inversion()
     z = res.trajectory[4]
     plain = model(z, 400, ["src", "same"])
     model.controller = ctl = ac.AttentionController(ac.AttentionControl(p2p=_p2p(self_max_tokens=64)), 10)
@@ -241,7 +228,7 @@ def test_replace_with_the_source_prompt_on_the_source_latent_is_the_identity():
 
 
 def test_edit_with_control_costs_one_extra_call_per_controlled_step_and_local_blend_keeps_the_rest():
-    model, res, z0 = _toy(steps=10)
+    model, res, z0 = toy_inversion(steps=10)
     mapper, alphas = ac.replace_mapping([1, 2, 3], [1, 5, 3], T)
     blend_s, blend_t = torch.zeros(T), torch.zeros(T)
     blend_s[2] = blend_t[2] = 1.0
@@ -293,7 +280,7 @@ def test_masactrl_edits_both_cfg_branches_by_default():
     """Review defect 7: MasaCtrl's code and ProxEdit supplement E inject the source's keys/values
     into the unconditional (base) branch too."""
     assert ac.MutualSelfAttention().base_strategy == "source"
-    model, res, _ = _toy()
+    model, res, _ = toy_inversion()
     z_src, z = res.trajectory[3], res.trajectory[3] + 0.3
     plain = model(z, 500, ["src", "tar"])
     model.controller = ctl = ac.AttentionController(ac.AttentionControl(masactrl=ac.MutualSelfAttention(0, 0)), 10)

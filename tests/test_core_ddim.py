@@ -6,6 +6,8 @@ import torch
 
 from comfyui_inverse.core import ddim, schedule
 from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior, gaussian_flow
+from comfyui_inverse.core.steps import ddim_step, eps_from_x0, guided_eps, predicted_x0
+from support.core_models import mixture_reference
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: pip install diffusers")
 
@@ -45,33 +47,17 @@ def test_bad_steps_are_rejected():
         schedule.timestep_spacing(4, spacing="karras")
 
 
-def _reference(shape=(2, 4, 8, 8), seed=0, components=3):
-    g = torch.Generator().manual_seed(seed)
-    ac = schedule.scaled_linear_alphas_cumprod()
-    prior_c = MixturePrior(torch.randn((3,) + shape[1:], generator=g, dtype=torch.float64) * 0.8,
-                           torch.tensor([0.5, 0.7, 0.6], dtype=torch.float64),
-                           torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
-    centre = prior_c.means[1]
-    if components == 1:
-        prior_c = MixturePrior.gaussian(centre, 0.7)
-    prior_u = MixturePrior(torch.zeros((1,) + shape[1:], dtype=torch.float64),
-                           torch.tensor([1.0], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-    model = GaussianMixtureDenoiser({"c": prior_c, "u": prior_u}, ac)
-    z0 = centre[None].expand(shape).float() + 0.5 * torch.randn(shape, generator=g)
-    return model, ac, z0
-
-
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_sampling_loop_matches_diffusers_ddim(set_alpha_to_one, guidance):
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     steps = 10
     sch = diffusers.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=set_alpha_to_one, clip_sample=False)
     sch.set_timesteps(steps)
     zT = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
     z = zT.clone()
     for t in sch.timesteps:
-        eps = ddim.guided_eps(model, z, int(t), "c", "u", guidance)
+        eps = guided_eps(model, z, int(t), "c", "u", guidance)
         z = sch.step(eps, t, z).prev_sample
     final = float(sch.final_alpha_cumprod)
     grid = schedule.TimestepGrid.from_schedule(ac, sch.timesteps.tolist(), final_alpha_cumprod=final)
@@ -82,7 +68,7 @@ def test_sampling_loop_matches_diffusers_ddim(set_alpha_to_one, guidance):
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_inversion_loop_matches_diffusers_ddim_inverse(set_alpha_to_one, spacing):
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     steps = 10
     sch = diffusers.DDIMInverseScheduler(**SD, steps_offset=1 if spacing == "leading" else 0,
                                          set_alpha_to_one=set_alpha_to_one, timestep_spacing=spacing,
@@ -102,16 +88,16 @@ def test_single_step_matches_formula_and_is_its_own_inverse():
     g = torch.Generator().manual_seed(1)
     z, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     a_t, a_s = 0.3, 0.8
-    down = ddim.ddim_step(z, eps, a_t, a_s)
-    x0 = ddim.predicted_x0(z, eps, a_t)
+    down = ddim_step(z, eps, a_t, a_s)
+    x0 = predicted_x0(z, eps, a_t)
     assert torch.allclose(down, math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps, atol=1e-6)
-    assert torch.allclose(ddim.ddim_step(down, eps, a_s, a_t), z, atol=1e-5)
-    assert torch.allclose(ddim.eps_from_x0(z, x0, a_t), eps, atol=1e-5)
+    assert torch.allclose(ddim_step(down, eps, a_s, a_t), z, atol=1e-5)
+    assert torch.allclose(eps_from_x0(z, x0, a_t), eps, atol=1e-5)
 
 
 def test_reference_denoiser_is_the_exact_score():
     """eps* = -sqrt(1-a) grad log p_t, checked by autograd on the mixture density."""
-    model, ac, z0 = _reference(shape=(1, 2, 2, 2))
+    model, ac, z0 = mixture_reference(shape=(1, 2, 2, 2))
     prior = model.priors["c"]
     a = float(ac[400])
     z = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -147,7 +133,7 @@ def test_inversion_converges_to_exact_flow_as_steps_grow(spacing):
 def test_invert_then_sample_reconstructs_within_discretisation_error(guidance, components):
     """Guided flows of multi-modal priors amplify errors near mode boundaries (a property of
     CFG, not of the solver), so guidance is tested on a unimodal conditional prior."""
-    model, ac, z0 = _reference(components=components)
+    model, ac, z0 = mixture_reference(components=components)
     errs = []
     for steps in (10, 50, 250):
         grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(steps, steps_offset=1))
@@ -159,7 +145,7 @@ def test_invert_then_sample_reconstructs_within_discretisation_error(guidance, c
 
 
 def test_guidance_one_makes_one_branch_call():
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(5))
     ddim.ddim_invert(model, z0, grid, "c", "u", 1.0)
     assert (model.calls, model.evaluations) == (5, 5)
@@ -168,7 +154,7 @@ def test_guidance_one_makes_one_branch_call():
 
 
 def test_callback_can_cancel_the_loop():
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(10))
 
     class Cancelled(Exception):

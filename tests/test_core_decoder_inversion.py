@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import taef2
 from comfyui_inverse.core import decoder_inversion as di
+from support import taef2
 
 if not taef2.available():
     raise RuntimeError(f"TAEF2 weights missing at {taef2.ASSETS}: ../shared must sit beside the project")

@@ -9,6 +9,7 @@ import torch
 from comfyui_inverse.core import ddim, inversion, operators as ops, restoration as rs, schedule
 from comfyui_inverse.core.flow import Coords, FlowPredictor, discrete_flow_sigmas, gaussian_flow_denoiser
 from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
+from support.core_oracles import gaussian_posterior_mean_inpaint
 
 SHAPE = (1, 4, 8, 8)
 
@@ -95,13 +96,13 @@ def test_restoration_on_the_flow_reference_lowers_the_residual_and_nears_the_pos
     op = ops.Inpaint(ops.random_mask(8, 8, 0.5, seed=1), sigma_y=0.05)
     y = op.measure(x_true, torch.Generator().manual_seed(2))
     grid = _grid(sig, 40)
-    post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean["c"][None].float(), 0.7, 0.05)
+    post = gaussian_posterior_mean_inpaint(y, op.mask, mean["c"][None].float(), 0.7, 0.05)
     ident = lambda v: v  # noqa: E731
     guided, unguided = [], []
     for s in range(6):
         zT = torch.randn(SHAPE, generator=torch.Generator().manual_seed(200 + s))
         unguided.append(ddim.ddim_sample(pred, zT, grid, "c")[-1])
-        guided.append(rs.ldps(pred, ident, op, y, grid, "c", zT, zeta=3.0)[0])
+        guided.append(rs.ldps(rs.Problem(pred, ident, op, y, grid, "c", zT), rs.RestorationConfig(zeta=3.0)).latent)
     res = lambda z: float((y - op.A(z)).norm())  # noqa: E731
     assert sum(map(res, guided)) < 0.5 * sum(map(res, unguided))
     avg_g, avg_u = torch.stack(guided).mean(0), torch.stack(unguided).mean(0)

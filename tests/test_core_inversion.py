@@ -7,8 +7,8 @@ import torch
 
 from comfyui_inverse.core import ddim, inversion, schedule
 from comfyui_inverse.core.reference import MixturePrior
-
-from test_core_ddim import _reference
+from support.core_models import mixture_reference
+from support.core_oracles import rnri_objective
 
 
 def _grid(ac, steps):
@@ -20,7 +20,7 @@ def _grid(ac, steps):
 @pytest.mark.parametrize("steps", [50, 4])
 @pytest.mark.parametrize("method", ["fixed_point", "gradient_descent"])
 def test_iterative_baselines_solve_the_implicit_equation(method, steps):
-    model, ac, z0 = _reference(components=1)
+    model, ac, z0 = mixture_reference(components=1)
     grid = _grid(ac, steps)
     ddim_rec = ddim.ddim_sample(model, ddim.ddim_invert(model, z0, grid, "c")[-1], grid, "c")[-1]
     traj, rep = inversion.iterative_invert(model, z0, grid, "c", method=method,
@@ -35,7 +35,7 @@ def test_iterative_baselines_solve_the_implicit_equation(method, steps):
 
 
 def test_fixed_point_with_one_iteration_is_ddim_inversion():
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, 10)
     ref = ddim.ddim_invert(model, z0, grid, "c", "u", 2.0)
     ours, _ = inversion.iterative_invert(model, z0, grid, "c", "u", 2.0, "fixed_point",
@@ -45,23 +45,23 @@ def test_fixed_point_with_one_iteration_is_ddim_inversion():
 
 
 def test_rnri_objective_gradient_matches_finite_differences():
-    model, ac, z0 = _reference(shape=(1, 4, 4, 4))
+    model, ac, z0 = mixture_reference(shape=(1, 4, 4, 4))
     grid = _grid(ac, 10)
     ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
     step = inversion._Step(model, z0.double(), ts[3], ab[2], ab[3], "c", "u", 3.0)
     z = (z0 + 0.1 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(4))).double().requires_grad_(True)
-    F, _ = inversion.rnri_objective(step, z, 0.1)
+    F, _ = rnri_objective(step, z, 0.1)
     (g,) = torch.autograd.grad(F.sum(), z)
     d = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     h = 1e-6
     with torch.no_grad():
-        fd = (inversion.rnri_objective(step, z + h * d, 0.1)[0] - inversion.rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
+        fd = (rnri_objective(step, z + h * d, 0.1)[0] - rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
     assert float((g * d).sum()) == pytest.approx(float(fd.sum()), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["rnri", "rnri_jacobian_free"])
 def test_rnri_lowers_the_residual_of_every_step(method):
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, 20)
     _, rep = inversion.iterative_invert(model, z0, grid, "c", method=method,
                                         cfg=inversion.SolverConfig(iterations=2))
@@ -71,7 +71,7 @@ def test_rnri_lowers_the_residual_of_every_step(method):
 
 
 def test_inner_loops_stop_within_one_model_call_on_cancel():
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, 10)
 
     class Cancelled(Exception):
@@ -109,7 +109,7 @@ SOLVERS = sorted(inversion.SOLVERS)
 def test_no_step_returns_its_input(method, steps):
     """Review defect 1: a best-iterate seeded with z_s returned z_{t-1} as z_t (no noise added)
     when the iterations got worse, e.g. fixed point at 4 steps / guidance 7.5."""
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, steps)
     traj, _ = inversion.iterative_invert(model, z0, grid, "c", "u", 7.5, method,
                                          inversion.SolverConfig(iterations=2, tol=1e-4))
@@ -121,7 +121,7 @@ def test_no_step_returns_its_input(method, steps):
 @pytest.mark.parametrize("method", SOLVERS)
 def test_a_batch_of_two_equals_two_runs_of_one(method):
     """Review defect 2: per-image residuals, tolerance, early stop and best iterate."""
-    model, ac, z0 = _reference(shape=(2, 4, 8, 8))
+    model, ac, z0 = mixture_reference(shape=(2, 4, 8, 8))
     z0 = torch.stack([z0[0], 3.0 * z0[1]])  # an unrelated, very different second image
     grid = _grid(ac, 10)
     cfg = inversion.SolverConfig(iterations=4, tol=2e-3)
@@ -133,7 +133,7 @@ def test_a_batch_of_two_equals_two_runs_of_one(method):
 
 
 def _calls_per_step(method, cfg, steps=10):
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, steps)
     before = model.calls
     inversion.iterative_invert(model, z0, grid, "c", method=method, cfg=cfg)
@@ -183,7 +183,7 @@ def test_rnri_jacobian_free_is_the_authors_inversion_step(n_iters):
     """Issue 20: rnri_jacobian_free claims the authors' code; it must give their result (their
     start x_s, objective with the prior at the detached f(z) centred on the clean latent, selection
     of the best f(z^k), K calls). Their Euler latents are x = z / sqrt(abar)."""
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, 10)
     ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
     z_prev = ddim.ddim_invert(model, z0, grid, "c")[3]  # a latent at level ab[3]
@@ -202,7 +202,7 @@ def test_rnri_jacobian_free_is_the_authors_inversion_step(n_iters):
 
 
 def _solver_errors(steps, guidance, runs):
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, steps)
     u = "u" if guidance != 1.0 else None
     out = {}
@@ -238,7 +238,7 @@ def test_safeguarded_solvers_stay_sane_at_high_guidance():
 
 
 def test_newton_krylov_jvp_autograd_matches_finite_differences():
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, 10)
     ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
     step = inversion._Step(model, z0, ts[3], ab[2], ab[3], "c", "u", 3.0)
@@ -252,7 +252,7 @@ def test_newton_krylov_jvp_autograd_matches_finite_differences():
 @pytest.mark.parametrize("steps", [50, 4])
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_ddpm_inversion_reconstructs_exactly(steps, guidance):
-    model, ac, z0 = _reference(components=1)
+    model, ac, z0 = mixture_reference(components=1)
     grid = _grid(ac, steps)
     xs, maps = inversion.ddpm_invert(model, z0, grid, "c", "u", guidance, torch.Generator().manual_seed(0))
     assert len(xs) == steps + 1 and len(maps) == steps
@@ -264,7 +264,7 @@ def test_ddpm_inversion_reconstructs_exactly(steps, guidance):
 
 @pytest.mark.parametrize("steps", [50, 4])
 def test_null_text_inversion_reconstructs_at_high_guidance(steps):
-    model, ac, z0 = _reference(components=1)
+    model, ac, z0 = mixture_reference(components=1)
     z0 = z0[:1]
     grid = _grid(ac, steps)
     u = model.priors["u"]
@@ -282,7 +282,7 @@ def test_null_text_inversion_reconstructs_at_high_guidance(steps):
 def test_sample_from_inversion_dispatches_by_method():
     from comfyui_inverse.core.result import InversionResult
 
-    model, ac, z0 = _reference(components=1)
+    model, ac, z0 = mixture_reference(components=1)
     grid = _grid(ac, 8)
     xs, maps = inversion.ddpm_invert(model, z0, grid, "c", generator=torch.Generator().manual_seed(1))
     res = InversionResult(xs, grid, method="ddpm", extras={"noise_maps": maps})
@@ -296,7 +296,7 @@ def test_sample_from_inversion_dispatches_by_method():
 def test_prompt_aware_adjustment_is_the_short_noise_denoise_fixed_point():
     """RNRI sec. 4.2: each round maps z0 through 2 DDIM inversion steps and 2 DDIM sampling steps
     with the prompt; rounds compose; zero rounds leave the latent alone."""
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = _grid(ac, 50)
     sub = schedule.TimestepGrid(grid.timesteps[-3:], grid.alphas_cumprod[-3:])
     h = lambda z: ddim.ddim_sample(model, ddim.ddim_invert(model, z, sub, "c", "u", 3.0)[-1], sub, "c", "u", 3.0)[-1]  # noqa: E731
@@ -310,14 +310,14 @@ def test_prompt_aware_adjustment_is_the_short_noise_denoise_fixed_point():
 def test_the_gradient_one_prompt_branch_at_a_time_equals_the_joint_gradient():
     """_residual's (dr/dz)^T v, built one CFG branch per backward pass, is the gradient of the joint
     objective (float64: to rounding), with and without CFG; RNRI's dF/dz follows."""
-    model, ac, z0 = _reference(shape=(2, 4, 4, 4))
+    model, ac, z0 = mixture_reference(shape=(2, 4, 4, 4))
     grid = _grid(ac, 10)
     ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
     z = (z0 + 0.1 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(4))).double()
     for uncond, guidance in (("u", 3.0), (None, 1.0)):
         step = inversion._Step(model, z0.double(), ts[3], ab[2], ab[3], "c", uncond, guidance)
         zz = z.clone().requires_grad_(True)
-        F, r_joint = inversion.rnri_objective(step, zz, 0.1)
+        F, r_joint = rnri_objective(step, zz, 0.1)
         (g_joint,) = torch.autograd.grad(F.sum(), zz)
         r, vjp = inversion._residual(step, z, torch.enable_grad)
         g = vjp(torch.sign(r)) + 0.1 * step.prior_grad(z)
@@ -348,7 +348,7 @@ def test_rnri_keeps_one_prompt_branch_graph_alive_about_half_the_joint(method):
     """RNRI's peak at 512 px is its backward pass through the model: the solvers differentiate one
     CFG branch at a time, so autograd never holds the [prompt, negative] batch's graph (measured
     exactly: the bytes autograd keeps alive, model weights excluded)."""
-    from peak_memory import SavedTensors
+    from support.peak_memory import SavedTensors
 
     pred = _ConvPredictor()
     ac = schedule.scaled_linear_alphas_cumprod()
@@ -361,7 +361,7 @@ def test_rnri_keeps_one_prompt_branch_graph_alive_about_half_the_joint(method):
     params = list(pred.net.parameters())
     with SavedTensors(exclude=params) as joint:
         zz = z_s.clone().requires_grad_(True)
-        F, _ = inversion.rnri_objective(step, zz, 0.1)
+        F, _ = rnri_objective(step, zz, 0.1)
         torch.autograd.grad(F.sum(), zz)
     solve = inversion.SOLVERS[method]
     with SavedTensors(exclude=params) as split:

@@ -8,8 +8,8 @@ import torch
 
 from comfyui_inverse.core import ddim, inversion, schedule
 from comfyui_inverse.core.reference import MixturePrior
-
-from test_core_ddim import _reference
+from comfyui_inverse.core.steps import ddim_step
+from support.core_models import mixture_reference
 
 TRACKED = ["rnri", "gradient_descent", "fixed_point", "anderson", "newton_krylov"]
 
@@ -158,7 +158,7 @@ def _authors_null_optimization(model, latents, grid, null, make_uncond, guidance
         for j in range(num_inner_steps):
             noise_pred_uncond = model(latent_cur, ts[i], [make_uncond(uncond_embeddings)])[0]
             noise_pred = noise_pred_uncond + guidance * (noise_pred_cond - noise_pred_uncond)
-            latents_prev_rec = ddim.ddim_step(latent_cur, noise_pred, ab[i], ab[i + 1])
+            latents_prev_rec = ddim_step(latent_cur, noise_pred, ab[i], ab[i + 1])
             loss = torch.nn.functional.mse_loss(latents_prev_rec, latent_prev)
             optimizer.zero_grad()
             loss.backward()
@@ -169,7 +169,7 @@ def _authors_null_optimization(model, latents, grid, null, make_uncond, guidance
         uncond_embeddings_list.append(uncond_embeddings.detach())
         with torch.no_grad():
             e_u = model(latent_cur, ts[i], [make_uncond(uncond_embeddings)])[0]
-            latent_cur = ddim.ddim_step(latent_cur, e_u + guidance * (noise_pred_cond - e_u), ab[i], ab[i + 1])
+            latent_cur = ddim_step(latent_cur, e_u + guidance * (noise_pred_cond - e_u), ab[i], ab[i + 1])
     return uncond_embeddings_list
 
 
@@ -178,7 +178,7 @@ def test_null_text_follows_the_authors_schedule(epsilon):
     """Defect 5: the authors' learning rate lr (1 - i / 100) and early stop eps + i * 2e-5, with i
     the diffusion step and the Adam step taken before the check (the pack had j, the inner
     iteration, and a constant rate). epsilon 2e-3 makes the early stop fire on this model."""
-    model, ac, z0 = _reference()
+    model, ac, z0 = mixture_reference()
     grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(10, spacing="trailing"))
     pivot = ddim.ddim_invert(model, z0, grid, "c")
     null = torch.zeros(z0.shape[1:], dtype=torch.float32)

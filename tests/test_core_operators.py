@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from comfyui_inverse.core import operators as ops
+from support.core_oracles import Compose
 
 
 def _linear_ops(H=64, W=64):
@@ -16,7 +17,7 @@ def _linear_ops(H=64, W=64):
         "inpaint_box": ops.Inpaint(ops.box_mask(H, W, 0.4)),
         "inpaint_freeform": ops.Inpaint(ops.freeform_mask(H, W, seed=2)),
         "denoise": ops.GaussianNoise(0.05),
-        "blur_then_sr": ops.Compose([ops.Blur(ops.gaussian_kernel(9, 1.0)), ops.AvgPoolSR(4)]),
+        "blur_then_sr": Compose([ops.Blur(ops.gaussian_kernel(9, 1.0)), ops.AvgPoolSR(4)]),
     }
 
 

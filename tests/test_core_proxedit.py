@@ -8,9 +8,7 @@ from comfyui_inverse.core import attention_control as ac
 from comfyui_inverse.core import ddim, flow, inversion, proxedit, schedule
 from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
 from comfyui_inverse.core.result import InversionResult
-
-from test_core_attention_control import _toy
-from test_core_ddim import _reference
+from support.core_models import mixture_reference, toy_inversion
 
 
 def test_prox_operators_match_their_closed_forms():
@@ -64,7 +62,7 @@ def test_slerp_is_per_image():
 
 
 def _setup(steps=20):
-    model, ac, z0 = _reference(components=1)
+    model, ac, z0 = mixture_reference(components=1)
     from comfyui_inverse.core.reference import MixturePrior
 
     shift = torch.randn(model.priors["c"].means[0].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -137,7 +135,7 @@ def _flow_abar(s: torch.Tensor) -> torch.Tensor:
 
 
 def _family_table(family: str) -> torch.Tensor:
-    """abar of every usable model timestep, as nodes/comfy_glue.py builds it: SD1.5's 1000-level
+    """abar of every usable model timestep, as nodes/comfy/ builds it: SD1.5's 1000-level
     scaled-linear table; SD3's discrete flow (shift 3, 1000 levels); Flux's (mu 1.15, 10,000 levels,
     ComfyUI's ModelSamplingFlux); the flow tables capped at s <= 0.99."""
     if family == "sd15":
@@ -238,7 +236,7 @@ def test_prox_npi_with_masactrl_on_the_base_evaluates_the_source_once_per_step()
     stored latent twice. Now once, its keys/values serving both branches: 3 evaluations per
     controlled step instead of 4, and the same edit (the same embedding under a second handle still
     takes the old two-branch path)."""
-    model, res, _ = _toy(steps=10)
+    model, res, _ = toy_inversion(steps=10)
     masa = ac.MutualSelfAttention(start_step=2, start_layer=0)
     assert masa.base_strategy == "source"
     cfg = proxedit.ProxConfig(guidance=7.5, quantile=0.5)

@@ -5,6 +5,7 @@ import torch
 
 from comfyui_inverse.core import ddim, operators as ops, restoration as rs, schedule
 from comfyui_inverse.core.reference import GaussianMixtureDenoiser, MixturePrior
+from support.core_oracles import gaussian_posterior_mean_inpaint
 
 
 def _problem(op_name="inpaint"):
@@ -32,7 +33,9 @@ def test_guided_sampling_lowers_the_measurement_residual(op_name, gamma):
     for s in range(3):
         zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(100 + s))
         unguided.append(_residual(op, y, ddim.ddim_sample(model, zT, grid, "c")[-1]))
-        z, res = rs.ldps(model, ident, op, y, grid, "c", zT, zeta=3.0, gamma=gamma, encode=ident)
+        out = rs.psld(rs.Problem(model, ident, op, y, grid, "c", zT, encode=ident),
+                      rs.RestorationConfig(zeta=3.0, gamma=gamma))
+        z, res = out.latent, out.residuals
         guided.append(_residual(op, y, z))
         assert len(res) == 50 and res[-1] < res[0]
     assert sum(guided) < 0.25 * sum(unguided), (guided, unguided)
@@ -40,9 +43,10 @@ def test_guided_sampling_lowers_the_measurement_residual(op_name, gamma):
 
 def test_ldps_approaches_the_true_posterior_mean():
     model, op, y, grid, mean = _problem("inpaint")
-    post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), 0.7, 0.05)
-    zs = [rs.ldps(model, lambda v: v, op, y, grid, "c",
-                  torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(200 + s)), zeta=3.0)[0]
+    post = gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), 0.7, 0.05)
+    zs = [rs.ldps(rs.Problem(model, lambda v: v, op, y, grid, "c",
+                             torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(200 + s))),
+                  rs.RestorationConfig(zeta=3.0)).latent
           for s in range(6)]
     avg = torch.stack(zs).mean(0)
     unguided = torch.stack([ddim.ddim_sample(model, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(200 + s)),
@@ -53,7 +57,8 @@ def test_ldps_approaches_the_true_posterior_mean():
 def test_psld_needs_the_encoder():
     model, op, y, grid, mean = _problem()
     with pytest.raises(ValueError, match="encoder"):
-        rs.ldps(model, lambda v: v, op, y, grid, "c", torch.zeros(1, 4, 16, 16), gamma=0.1)
+        rs.psld(rs.Problem(model, lambda v: v, op, y, grid, "c", torch.zeros(1, 4, 16, 16)),
+                rs.RestorationConfig(gamma=0.1))
 
 
 def test_stsl_lands_closer_to_the_posterior_mean_than_ldps():
@@ -61,18 +66,19 @@ def test_stsl_lands_closer_to_the_posterior_mean_than_ldps():
     same problem: lower measurement residual than an unguided sample and a smaller distance to the
     exact posterior mean than LDPS."""
     model, op, y, grid, mean = _problem("inpaint")
-    post = rs.gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), 0.7, 0.05)
+    post = gaussian_posterior_mean_inpaint(y, op.mask, mean[None].float(), 0.7, 0.05)
     ident = lambda v: v  # noqa: E731
     model.calls = 0
-    z, res, nfe = rs.stsl(model, ident, ident, op, y, grid, "c", torch.zeros(1, 4, 16, 16),
-                          generator=torch.Generator().manual_seed(0))
+    out = rs.stsl(rs.Problem(model, ident, op, y, grid, "c", encode=ident,
+                             generator=torch.Generator().manual_seed(0)))
+    z, res, nfe = out.latent, out.residuals, out.report["evaluations"]
     # review defect 4: K = 5 batched evaluations per step, 250 at 50 steps as the paper counts, each
     # with z and N = 2 perturbed copies
     assert model.calls == 50 * 5 == nfe and model.evaluations == 250 and len(res) == 50 and res[-1] < res[0]
     unguided = ddim.ddim_sample(model, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), grid, "c")[-1]
     assert _residual(op, y, z) < 0.5 * _residual(op, y, unguided)
-    zl, _ = rs.ldps(model, ident, op, y, grid, "c", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
-                    zeta=3.0)
+    zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    zl = rs.ldps(rs.Problem(model, ident, op, y, grid, "c", zT), rs.RestorationConfig(zeta=3.0)).latent
     assert ddim.reconstruction_rmse(z, post) < 0.5 * ddim.reconstruction_rmse(zl, post)
 
 
@@ -109,8 +115,9 @@ def test_p2l_tunes_the_embedding_and_lowers_the_data_loss():
     make = lambda C: MixturePrior.gaussian(C, 0.7)  # noqa: E731
     model.calls = 0
     zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    z, res, C, losses = rs.p2l(model, ident, ident, op, y, grid, make, C0, zT, rho=1.0, prompt_steps=2,
-                               prompt_lr=0.05, project_every=4, cg_lambda=0.1)
+    out = rs.p2l(rs.Problem(model, ident, op, y, grid, None, zT, encode=ident, make_cond=make, embedding=C0),
+                 rs.RestorationConfig(zeta=1.0, prompt_steps=2, prompt_lr=0.05, project_every=4, cg_lambda=0.1))
+    z, res, C, losses = out.latent, out.residuals, out.report["embedding"], out.report["prompt_loss"]
     assert model.calls == 50 * 3 and len(res) == 50
     assert float((C - C0).abs().max()) > 1e-2                         # the embedding changed
     before, after = losses[0::2], losses[1::2]
@@ -167,9 +174,10 @@ def test_p2l_projection_keeps_the_ldps_correction_and_the_sampler_noise():
     zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
 
     def run(project_every):
-        return rs.p2l(model, ident, ident, op, y, grid, make, torch.zeros_like(mean).float(), zT, rho=1.0,
-                      eta=0.8, prompt_steps=0, project_every=project_every, cg_lambda=1e9, cg_iters=2,
-                      generator=torch.Generator().manual_seed(9))[0]
+        problem = rs.Problem(model, ident, op, y, grid, None, zT, encode=ident, make_cond=make,
+                             embedding=torch.zeros_like(mean).float(), generator=torch.Generator().manual_seed(9))
+        return rs.p2l(problem, rs.RestorationConfig(zeta=1.0, eta=0.8, prompt_steps=0, project_every=project_every,
+                                                    cg_lambda=1e9, cg_iters=2)).latent
 
     plain, projected = run(0), run(1)
     assert float((projected - plain).norm() / plain.norm()) < 1e-4
@@ -195,7 +203,7 @@ def test_samplers_stop_when_the_latent_diverges():
     ident = lambda v: v  # noqa: E731
     zT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     with pytest.raises(rs.DivergenceError, match=r"^LDPS diverged at step \d+"):
-        rs.ldps(model, ident, op, y, grid, "c", zT, zeta=1e9)
+        rs.ldps(rs.Problem(model, ident, op, y, grid, "c", zT), rs.RestorationConfig(zeta=1e9))
     with pytest.raises(rs.DivergenceError, match=r"non-finite"):
         rs.check_diverged(torch.full((1, 4, 2, 2), float("nan")), 0, "X")
     rs.check_diverged(torch.randn(2, 4, 8, 8), 0, "X")  # a unit-scale latent passes

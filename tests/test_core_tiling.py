@@ -8,21 +8,13 @@ import sys
 from pathlib import Path
 
 from comfyui_inverse.core.tiling import decode_bounded, tile_spans
+from support.core_models import conv_decoder
 
 
 def _pointwise_decoder():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 3, 1)
     return lambda z: torch.nn.functional.interpolate(torch.tanh(conv(z)), scale_factor=8, mode="nearest")
-
-
-def _conv_decoder():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(4, 64, 3, padding=1), torch.nn.SiLU(), torch.nn.Upsample(scale_factor=2),
-                              torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.SiLU(), torch.nn.Upsample(scale_factor=2),
-                              torch.nn.Conv2d(64, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Upsample(scale_factor=2),
-                              torch.nn.Conv2d(32, 3, 3, padding=1))
-    return net
 
 
 def _saved_bytes(fn):
@@ -49,7 +41,7 @@ def test_tiled_checkpointed_decode_is_exact_for_a_pointwise_decoder_with_equal_g
 
 
 def test_checkpointing_keeps_values_and_gradients_and_saves_autograd_memory():
-    dec = _conv_decoder()
+    dec = conv_decoder()
     z = torch.randn(1, 4, 32, 32, requires_grad=True)
     full, full_bytes = _saved_bytes(lambda: dec(z))
     (g_full,) = torch.autograd.grad(full.pow(2).sum(), z)
@@ -75,12 +67,11 @@ def test_tile_spans_are_the_fewest_equal_tiles_within_the_bound():
 
 _PEAK = """
 import json, sys
-sys.path.insert(0, sys.argv[2])
-import conftest, torch
-from peak_memory import Peak
+import torch
+from support.core_models import conv_decoder
+from support.peak_memory import Peak
 from comfyui_inverse.core.tiling import decode_bounded
-import test_core_tiling as t
-dec, tile = t._conv_decoder(), int(sys.argv[1])
+dec, tile = conv_decoder(), int(sys.argv[1])
 z = torch.randn(1, 4, 64, 64, requires_grad=True)
 def once():
     x = decode_bounded(dec, z, tile=tile, overlap=max(1, tile // 8), checkpoint=tile > 0)
@@ -93,11 +84,11 @@ print(json.dumps(peak.mb))
 
 
 def _peak_growth_mb(tile: int) -> float:
-    from peak_memory import FRESH_ENV
+    from support.peak_memory import FRESH_ENV
 
-    tests = str(Path(__file__).parent)
-    proc = subprocess.run([sys.executable, "-c", _PEAK, str(tile), tests], capture_output=True, text=True,
-                          env=FRESH_ENV, check=True)
+    # run in tests/, where the support package imports (and loads the pack) with no path set-up
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(tile)], capture_output=True, text=True,
+                          env=FRESH_ENV, check=True, cwd=Path(__file__).parent)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

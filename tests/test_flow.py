@@ -1,4 +1,4 @@
-"""Flow-matching models (issue 13): the coordinate mapping of nodes/comfy_glue.py, derived and
+"""Flow-matching models (issue 13): the coordinate mapping of nodes/comfy/schedule.py, derived and
 checked against ComfyUI's own model_sampling for SD3 (discrete flow, shift 3) and Flux (its
 resolution-dependent shift), then a tiny random-weight SD3 (ComfyUI's SD3 class: an MMDiT of depth 2)
 and a tiny Flux (1 double + 1 single block, guidance embedding) through the real glue and nodes:
@@ -6,7 +6,7 @@ Euler inversion and its reconstruction, ComfyUI's ``euler`` on our sigmas reprod
 exact DDPM reconstruction, every exact solver, ProxEdit at quantile 1 and its GUIDER, null-text with
 the pooled vector, MasaCtrl on the joint attention (prompt-to-prompt refused), decoder inversion with
 a 16-channel VAE, the four restoration methods, the shared MODEL unchanged; and the flow example
-workflows (Flux dev, SD3.5) on the tiny models the test loader (tests/host_nodes) returns.
+workflows (Flux dev, SD3.5) on the tiny models the test loader (tests/support/host_nodes) returns.
 
 The mapping. A flow latent x = (1 - s) x0 + s eps, divided by (1 - s), is x0 + sigma eps with
 sigma = s / (1 - s): a DDPM latent z = sqrt(abar) x0 + sqrt(1 - abar) eps with abar = 1 / (1 + sigma^2)
@@ -21,14 +21,11 @@ import math
 import pytest
 import torch
 
-import comfy_host
+from support import comfy_host
+from support.core_oracles import rnri_objective
+from support.integration import _guider_sample, _lat, _latents, _nodes, _rel, _tap
 
-if not comfy_host.HOST_FOUND:
-    if comfy_host.REQUIRE_HOST:
-        raise RuntimeError(comfy_host.MISSING_REASON)
-    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
-
-from test_comfy_integration import _nodes, _rel, glue, pack  # noqa: E402,F401  (fixtures, helpers)
+comfy_host.skip_module_without_host()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,12 +149,6 @@ def test_flow_grids_use_the_models_levels_up_to_the_cap(pack, glue, kind, shift)
 # ---------------------------------------------------------------------------------------------
 # a tiny SD3 through ComfyUI
 
-@pytest.fixture(scope="module")
-def sd3(pack):
-    model, cond = comfy_host.tiny_flow_model("sd3")
-    return model, cond(), cond(), cond()
-
-
 def test_the_tiny_model_is_sd3_to_comfyui_and_a_flow_model_to_the_glue(pack, glue, sd3):
     import comfy.model_base
     import comfy.latent_formats
@@ -170,10 +161,6 @@ def test_the_tiny_model_is_sd3_to_comfyui_and_a_flow_model_to_the_glue(pack, glu
     with torch.inference_mode():
         eps = glue.run_with_predictor(model, {"c": pos, "u": neg}, z.shape, lambda pred: pred(z, 600, ["c", "u"]))
     assert torch.isfinite(eps).all() and float((eps[0] - eps[1]).abs().mean() / eps[1].abs().mean()) > 1e-2
-
-
-def _lat(seed=0, batch=1):
-    return {"samples": torch.randn(batch, 16, 8, 8, generator=torch.Generator().manual_seed(seed))}
 
 
 def _weights(model):
@@ -341,9 +328,7 @@ def test_masactrl_shares_the_source_image_tokens_in_the_joint_attention(pack, gl
         control = ed.MasaCtrl.execute(2, 1, "source", "none").args[0]
         guider = ed.ProxEditGuider.execute(model, res, tar, quantile=0.6, attention_control=control,
                                            **{k: v for k, v in args.items() if k != "skip_steps"}).args[0]
-    import test_comfy_integration as sd15
-
-    via_guider = sd15._guider_sample(pack, (model, None, None, pos, None), guider, res)
+    via_guider = _guider_sample(pack, (model, None, None, pos, None), guider, res)
     assert torch.equal(never, plain)
     assert _rel(shared, plain) > 1e-3, _rel(shared, plain)
     assert _rel(via_guider, shared) < 1e-4, _rel(via_guider, shared)
@@ -356,12 +341,6 @@ def test_masactrl_shares_the_source_image_tokens_in_the_joint_attention(pack, gl
 
 # ---------------------------------------------------------------------------------------------
 # a tiny Flux (guidance-distilled: no negative prompt, Flux's guidance input in the conditioning)
-
-@pytest.fixture(scope="module")
-def flux(pack):
-    model, cond = comfy_host.tiny_flow_model("flux")
-    return model, cond(), cond()
-
 
 def test_the_tiny_model_is_flux_and_its_guidance_input_is_carried(pack, glue, flux):
     import comfy.model_base
@@ -492,8 +471,6 @@ def test_the_inversion_sampler_on_sd3_is_the_inversion_node(pack, sd3):
 def test_the_proxedit_guider_reproduces_the_node_on_sd3(pack, sd3):
     """The GUIDER in SamplerCustomAdvanced with ComfyUI's euler over the inversion's sigmas gives the
     ProxEdit node's edit (inversion and reconstruction guidance on), on a flow model."""
-    import test_comfy_integration as sd15
-
     model, pos, neg, tar = sd3
     n = _nodes(pack)
     ed = importlib.import_module(pack.__name__ + ".nodes.editing")
@@ -504,7 +481,7 @@ def test_the_proxedit_guider_reproduces_the_node_on_sd3(pack, sd3):
         npi = n.NegativePromptInversion.execute(model, pos, 10, "auto", latent=_lat(9)).args[0]
         node = ed.ProxEdit.execute(model, npi, tar, negative=neg, skip_steps=0, **args).args[0]["samples"]
         guider = ed.ProxEditGuider.execute(model, npi, tar, negative=neg, **args).args[0]
-    out = sd15._guider_sample(pack, loaded, guider, npi)
+    out = _guider_sample(pack, loaded, guider, npi)
     assert _rel(out, node) < 1e-4, _rel(out, node)
 
 
@@ -531,13 +508,13 @@ def test_gradients_through_flux_match_finite_differences(pack, glue, flux):
         step = inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", 2.0)
         with pred.autograd():
             zz = z.clone().requires_grad_(True)
-            F, _ = inv.rnri_objective(step, zz, 0.1)
+            F, _ = rnri_objective(step, zz, 0.1)
             (grad,) = torch.autograd.grad(F, zz)
         r, vjp = inv._residual(step, z, pred.autograd)
         split = vjp(torch.sign(r)) + 0.1 * step.prior_grad(z)
         with torch.no_grad():
             h = 1e-3
-            fd = (inv.rnri_objective(step, z + h * d, 0.1)[0] - inv.rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
+            fd = (rnri_objective(step, z + h * d, 0.1)[0] - rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
         return float((grad * d).sum()), float(fd), float((split - grad).norm() / grad.norm())
 
     with torch.inference_mode():
@@ -574,8 +551,6 @@ def test_the_inversion_sampler_and_anderson_on_flux(pack, flux):
 def test_flow_invert_and_reconstruct_workflow_numbers(pack, stem):
     """ComfyUI's euler (BasicGuider / CFGGuider) on the exact inversion's sigmas reproduces our sampler,
     and exact inversion reconstructs the photo's latent better than Euler inversion."""
-    from test_comfy_integration import _latents, _tap
-
     prompt = comfy_host.api_workflow(stem, size=64, steps=10)
     for node, name in (("6", "z0"), ("8", "exact"), ("14", "comfy"), ("21", "euler")):
         _tap(prompt, node, 0, f"{stem}_{name}")
@@ -590,8 +565,6 @@ def test_flow_invert_and_reconstruct_workflow_numbers(pack, stem):
 def test_flow_proxedit_workflow_keeps_the_photo_at_quantile_1_and_edits_below(pack, stem, source):
     """The workflow's ProxEdit at quantile 1 (inversion guidance off) is the inversion's reconstruction
     with the source prompt; at the workflow's quantile it is an edit."""
-    from test_comfy_integration import _latents, _tap
-
     prompt = comfy_host.api_workflow(stem, size=64, steps=8)
     kept = __import__("copy").deepcopy(prompt["21"])
     kept["inputs"].update(quantile=1.0, inversion_guidance=0.0)
@@ -617,7 +590,6 @@ def test_every_inversion_and_edit_node_runs_on_both_flow_models(pack, glue, fami
     0.37, Newton-Krylov 0.06), a GUIDER equal to the node, and the shared MODEL unchanged; null-text
     inversion without a negative prompt (Flux) is refused naming it."""
     import comfy_extras.nodes_custom_sampler as cs
-    import test_comfy_integration as sd15
 
     fixture = request.getfixturevalue(family)
     model, pos, neg = fixture[0], fixture[1], (fixture[2] if family == "sd3" else None)
@@ -658,7 +630,7 @@ def test_every_inversion_and_edit_node_runs_on_both_flow_models(pack, glue, fami
         if family == "flux":
             with pytest.raises(glue.InverseInputError, match=r"^negative: "):
                 n.NullTextInversion.execute(model, pos, 4, 3.0, "auto", 2, 0.01, 1e-5, latent=x)
-    out = sd15._guider_sample(pack, (model, None, None, pos, neg), guider, npi)
+    out = _guider_sample(pack, (model, None, None, pos, neg), guider, npi)
     assert _rel(out, node) < 1e-4, _rel(out, node)
     # the fixed-point family converges here; RNRI's and gradient descent's few updates on the step
     # residual (kept only where they lower it, above) need not lower the end-to-end error; the

@@ -1,4 +1,4 @@
-"""Every UI workflow in ComfyUI's real frontend (headless Chromium, tests/frontend.py).
+"""Every UI workflow in ComfyUI's real frontend (headless Chromium, scripts/frontend.py).
 
 Loaded through ``app.loadGraphData``: no missing node type, every widget value valid for its
 widget and unchanged by the load, no lost link, the missing-models dialog names the checkpoint;
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import comfy_host
-import frontend
-import ui_workflows
+import frontend  # scripts/
+import ui_workflows  # scripts/
+from support import comfy_host
 
 pytestmark = [pytest.mark.skipif(not comfy_host.HOST_FOUND, reason=comfy_host.MISSING_REASON),
               pytest.mark.skipif(frontend.missing_reason() is not None, reason=str(frontend.missing_reason()))]
@@ -32,8 +32,8 @@ SHOTS = Path(os.environ.get("COMFYUI_INVERSE_SCREENSHOTS", Path(tempfile.gettemp
 def fe():
     comfy_host.tiny_checkpoint()
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
-                                  comfy_host.ROOT / "workflows" / "input", comfy_host.ROOT / "scripts",
-                                  (comfy_host.HOST_NODES,)) as f:
+                                  comfy_host.ROOT / "workflows" / "input", (comfy_host.HOST_NODES,),
+                                  comfy_host.host_nodes_env()) as f:
         f.blocked = f.blocked_cells()
         f.canvas = f.canvas_rect()
         yield f
@@ -135,7 +135,28 @@ def _set_shrunk(fe, stem) -> dict:
     return shrunk
 
 
-@pytest.mark.parametrize("stem", STEMS)
+# Queued through the frontend: every node type of the example workflows at least once, every model family,
+# and each kind of graph (the SamplerCustomAdvanced inversion, null-text, prompt-to-prompt + MasaCtrl, the
+# ProxEdit GUIDER, decoder inversion, the four restoration methods, the testbed's quick start, a Flux and an
+# SD3.5 graph whose loader is swapped through the frontend). Every workflow's conversion is checked against
+# its API twin above and every API twin runs in test_workflows.py, so queueing the rest would run the same
+# prompts a third time.
+QUEUED = ["invert_and_reconstruct", "reconstruct_null_text", "texture_then_pose", "proxedit_guider",
+          "decoder_inversion_then_inversion", "restore_compare_methods", "testbed_invert_and_edit",
+          "flux_invert_and_reconstruct", "sd35_restore_gaussian_deblur_stsl"]
+
+
+def test_the_queued_workflows_cover_every_node_type_and_family():
+    def types(stem):
+        return {n["class_type"] for n in comfy_host.api_workflow(stem, size=64, steps=3).values()}
+
+    assert set(QUEUED) <= set(STEMS)
+    assert {comfy_host.workflow_family(s) for s in QUEUED} == {comfy_host.workflow_family(s) for s in STEMS}
+    everything = set().union(*(types(s) for s in STEMS))
+    assert everything - set().union(*(types(s) for s in QUEUED)) == set()
+
+
+@pytest.mark.parametrize("stem", QUEUED)
 def test_ui_workflow_queues_through_the_frontend(fe, stem):
     _load(fe, stem)
     shrunk = _set_shrunk(fe, stem)

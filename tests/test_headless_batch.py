@@ -10,14 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-import comfy_host
+import run_workflow  # scripts/
+from support import comfy_host
 
-if not comfy_host.HOST_FOUND:
-    if comfy_host.REQUIRE_HOST:
-        raise RuntimeError(comfy_host.MISSING_REASON)
-    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
-
-import run_workflow  # noqa: E402  (scripts/, on the path through conftest)
+comfy_host.skip_module_without_host()
 
 GOOD = ("astronaut", "chelsea", "coffee", "rocket")
 

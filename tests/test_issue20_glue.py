@@ -1,4 +1,4 @@
-"""Issue 20, the parts in nodes/comfy_glue.py: what autograd keeps of a Flux forward, the level a flow
+"""Issue 20, the parts in nodes/comfy/: what autograd keeps of a Flux forward, the level a flow
 model is evaluated at, and SD3.5's image-only attention under MasaCtrl.
 
 - Saved tensors. ComfyUI's Flux blocks add in place into tensors autograd saved (``x += gate * out``).
@@ -24,15 +24,11 @@ import importlib
 import pytest
 import torch
 
-import comfy_host
+from support import comfy_host
+from support.core_oracles import rnri_objective
+from support.integration import _guider_sample, _lat, _nodes, _rel
 
-if not comfy_host.HOST_FOUND:
-    if comfy_host.REQUIRE_HOST:
-        raise RuntimeError(comfy_host.MISSING_REASON)
-    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
-
-from test_comfy_integration import _guider_sample, _nodes, _rel, glue, pack  # noqa: E402,F401
-from test_flow import _lat, flux, sd3  # noqa: E402,F401  (fixtures)
+comfy_host.skip_module_without_host()
 
 
 def _param_bytes(model) -> int:
@@ -76,7 +72,7 @@ def _rnri_gradient(pack, glue, model, pos, tar):
         step = inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", 2.0)
         with pred.autograd():
             zz = z.clone().requires_grad_(True)
-            F, _ = inv.rnri_objective(step, zz, 0.1)
+            F, _ = rnri_objective(step, zz, 0.1)
             (grad,) = torch.autograd.grad(F, zz)
         return grad, pred.saved_copy_bytes, pred.saved_copies, pred.grad_calls
 
@@ -98,7 +94,7 @@ def test_a_flux_backward_copies_a_small_part_of_the_model_and_the_same_gradient(
     pos, tar = cond(), cond()
     params = _param_bytes(model)
     grad, copied, copies, calls = _rnri_gradient(pack, glue, model, pos, tar)
-    monkeypatch.setattr(glue, "SavedTensorGuard", _CloneAll)
+    monkeypatch.setattr(glue.predictor, "SavedTensorGuard", _CloneAll)
     ref, cloned, clones, ref_calls = _rnri_gradient(pack, glue, model, pos, tar)
     print(f"\nparameters {params / 1e6:.2f} MB; per backward: clone-all {cloned / 1e6:.2f} MB ({clones} tensors), "
           f"copy on write {copied / 1e6:.3f} MB ({copies} tensors)")
@@ -231,8 +227,6 @@ def test_a_model_with_another_shift_is_evaluated_at_the_inversions_levels(pack, 
     (ModelSamplingSD3 6 instead of 3; ModelSamplingFlux at 512 px: shift 0.63 instead of the model's 1.15): every
     call is at one of the inversion's levels (its SIGMAS output), and the results are those of the
     unpatched model exactly; the ProxEdit GUIDER over the inversion's sigmas too."""
-    import test_comfy_integration as sd15
-
     fixture = request.getfixturevalue(family)
     model, pos, tar = fixture[0], fixture[1], fixture[-1]
     n = _nodes(pack)
@@ -304,7 +298,7 @@ def test_masactrl_controls_sd35s_image_only_self_attention(pack, glue, sd35, mon
         shared = edit(tar, 0.6, 1)
         calls = list(seen)
         kept = edit(pos, 1.0, 0)
-        monkeypatch.setattr(glue, "image_self_attention_blocks", lambda model: set())
+        monkeypatch.setattr(glue.attention, "image_self_attention_blocks", lambda model: set())
         joint_only = edit(tar, 0.6, 1)
     # start layer 1: per edited target call, block 1's joint attention and its image-only attention
     assert set(calls) == {(12, 28, 28), (0, 16, 16)}, calls

@@ -1,4 +1,4 @@
-"""Issue 20 on the real ComfyUI with the tiny SD1.5, SD3 and Flux models of tests/comfy_host.py:
+"""Issue 20 on the real ComfyUI with the tiny SD1.5, SD3 and Flux models of tests/support/comfy_host.py:
 ProxEdit's ``t_rec`` is SD1.5's timestep equivalent (a noise level, the same on every family; Flux's
 table has 10,000 levels, so "t < 400" guided only its last step), and Prox-NPI with MasaCtrl on the
 base branch evaluates the source prompt once per step on the stored latent, not twice."""
@@ -10,14 +10,10 @@ import math
 import pytest
 import torch
 
-import comfy_host
+from support import comfy_host
+from support.integration import _nodes
 
-if not comfy_host.HOST_FOUND:
-    if comfy_host.REQUIRE_HOST:
-        raise RuntimeError(comfy_host.MISSING_REASON)
-    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
-
-from test_comfy_integration import _nodes, glue, loaded, pack  # noqa: E402,F401  (fixtures, helpers)
+comfy_host.skip_module_without_host()
 
 ARGS = dict(guidance=3.0, prox="hard", fixed_threshold=0.0, dilation=1, reconstruction_guidance=0.0,
             source_null_mix=0.0, skip_steps=0)

@@ -104,16 +104,19 @@ def test_samplers_leave_the_weights_of_grad_requiring_modules_alone(method):
     pred, dec, enc = mods
     before = _snapshot(mods)
     if method in ("ldps", "psld"):
-        z, res = rs.ldps(pred, dec, op, y, grid, "c", zT, zeta=1.0, gamma=0.1 if method == "psld" else 0.0,
-                         encode=enc, glue_iters=2)
+        out = rs.METHODS[method](rs.Problem(pred, dec, op, y, grid, "c", zT, encode=enc),
+                                 rs.RestorationConfig(zeta=1.0, gamma=0.1, glue_iters=2))
+        z, res = out.latent, out.residuals
     elif method == "stsl":
-        z, res, nfe = rs.stsl(pred, dec, enc, op, y, grid, "c", torch.zeros(1, 3, 16, 16), K=2, lr=0.05,
-                              generator=torch.Generator().manual_seed(0))
+        out = rs.stsl(rs.Problem(pred, dec, op, y, grid, "c", encode=enc, generator=torch.Generator().manual_seed(0)),
+                      rs.RestorationConfig(K=2, lr=0.05))
+        z, res, nfe = out.latent, out.residuals, out.report["evaluations"]
         assert nfe == 8
     else:
         C0 = torch.zeros(1, 4, 8, 8)
-        z, res, C, losses = rs.p2l(pred, dec, enc, op, y, grid, lambda C: C, C0, zT, rho=1.0, prompt_steps=2,
-                                   prompt_lr=0.05, project_every=2, cg_iters=3)
+        out = rs.p2l(rs.Problem(pred, dec, op, y, grid, None, zT, encode=enc, make_cond=lambda C: C, embedding=C0),
+                     rs.RestorationConfig(zeta=1.0, prompt_steps=2, prompt_lr=0.05, project_every=2, cg_iters=3))
+        z, res, C, losses = out.latent, out.residuals, out.report["embedding"], out.report["prompt_loss"]
         assert float((C - C0).abs().max()) > 1e-3          # the optimised variable itself did move
     assert torch.isfinite(z).all() and len(res) == 4
     _assert_untouched(mods, before, method)
@@ -143,14 +146,14 @@ def test_the_last_steps_latent_is_checked():
 
     dec = lambda z: torch.nn.functional.interpolate(z[:, :3], scale_factor=2)  # noqa: E731
     with pytest.raises(rs.DivergenceError, match=r"^LDPS diverged at step 4: the latent has an RMS of"):
-        rs.ldps(pred, dec, op, y, grid, "c", zT, zeta=0.0)
+        rs.ldps(rs.Problem(pred, dec, op, y, grid, "c", zT), rs.RestorationConfig(zeta=0.0))
 
 
 # --------------------------------------------------------------------------------------------
-# node level, on the tiny SD1.5 of tests/comfy_host.py
+# node level, on the tiny SD1.5 of tests/support/comfy_host.py
 
 def _host():
-    import comfy_host
+    from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
         if comfy_host.REQUIRE_HOST:
@@ -159,24 +162,10 @@ def _host():
     return comfy_host
 
 
-@pytest.fixture(scope="module")
-def pack():
-    return _host().start_inprocess()
-
-
-@pytest.fixture(scope="module")
-def loaded(pack):
-    import comfy.sd
-
-    with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(_host().tiny_checkpoint()))[:3]
-        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photograph of an astronaut"))
-    return model, vae, pos
-
-
 def _restore_args(**kw):
-    """test_comfy_integration's Restore arguments, at 3 steps of LDPS unless told otherwise."""
-    from test_comfy_integration import _restore_args as integration_args
+    """The integration tests' Restore arguments (support/integration.py), at 3 steps of LDPS unless told
+    otherwise."""
+    from support.integration import _restore_args as integration_args
 
     return integration_args(**{"method": "ldps", "steps": 3, **kw})
 
@@ -206,14 +195,14 @@ DIVERGING = {
 
 @pytest.mark.parametrize("method", list(DIVERGING))
 def test_restore_stops_a_diverged_run_with_the_clear_error(pack, loaded, method):
-    model, vae, pos = loaded
+    model, _, vae, pos, _ = loaded  # the shared tiny SD1.5 (support/fixtures.py)
     r, op, y = _measurement(pack, size=16)
     with torch.inference_mode(), pytest.raises(Exception) as info:
         out = r.Restore.execute(model, vae, pos, y, op, **_restore_args(method=method, **DIVERGING[method])).args
         lat = out[1]["samples"]
         raise AssertionError(f"{method} returned a latent of RMS {float(lat.pow(2).mean().sqrt()):.4g} "
                              f"(min {float(lat.min()):.4g}, max {float(lat.max()):.4g}) as a success")
-    glue = importlib.import_module(pack.__name__ + ".nodes.comfy_glue")
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
     assert isinstance(info.value, glue.InverseInputError), info.value
     assert str(info.value).startswith(f"step_size/stsl_lr: {method.upper()} diverged at step "), str(info.value)
     assert "the latent has an RMS of" in str(info.value) and "lower the step size" in str(info.value)

@@ -149,8 +149,8 @@ def test_ci_run_fails_without_a_host(tmp_path):
 def test_ci_mode_turns_any_skip_into_a_failure(tmp_path):
     (tmp_path / "test_x.py").write_text("import pytest\n\ndef test_a():\n    pass\n\n"
                                         "def test_b():\n    pytest.skip('no host')\n")
-    base = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "ci_guard", "-p", "no:cacheprovider", str(tmp_path)]
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "scripts")])}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "support.ci_guard", "-p", "no:cacheprovider", str(tmp_path)]
     local = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
                            env={**base, "COMFYUI_INVERSE_REQUIRE_HOST": "0"})
     assert local.returncode == 0, local.stdout
@@ -162,6 +162,6 @@ def test_ci_mode_turns_any_skip_into_a_failure(tmp_path):
 def test_ci_mode_fails_an_integration_module_without_a_host(tmp_path):
     env = {**os.environ, "COMFYUI_INVERSE_REQUIRE_HOST": "1", "COMFYUI_PATH": str(tmp_path / "no-comfyui")}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only",
-                        str(ROOT / "tests" / "test_comfy_integration.py")],
+                        str(ROOT / "tests" / "test_nodes_inversion.py")],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "does not exist" in r.stdout, r.stdout[-2000:]

@@ -14,16 +14,15 @@ import json
 
 import pytest
 import torch
+import ui_workflows
 
-import comfy_host
+from support import comfy_host
 
-if not comfy_host.HOST_FOUND:
-    if comfy_host.REQUIRE_HOST:
-        raise RuntimeError(comfy_host.MISSING_REASON)
-    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
+comfy_host.skip_module_without_host()
 
-import test_comfy_integration as sd15  # noqa: E402  the same checks, given another model
-from test_comfy_integration import glue, pack  # noqa: E402,F401  (fixtures)
+# the same checks as the SD1.5 tests (test_nodes_*.py), given another model
+from support.integration import (_invert_and_sample, _prox, _rel, check_ddpm_inversion_reconstructs_exactly,  # noqa: E402
+                                 check_guider_reproduces_the_proxedit_node)
 
 LOADER = "InverseTestTinySDXL"
 
@@ -97,10 +96,32 @@ def test_masactrl_default_layer_comes_from_the_model(pack, glue, sdxl):
     assert len(layers) == 16 and glue.masactrl_start_layer(layers) == 10
 
 
-SD_WORKFLOWS = [m[0] for m in __import__("ui_workflows").MANIFEST if comfy_host.workflow_family(m[0]) == "sd"]
+SD_WORKFLOWS = [m[0] for m in ui_workflows.MANIFEST if comfy_host.workflow_family(m[0]) == "sd"]
+# Every node and every model-dependent code path of the SD workflows, once on SDXL: the DDIM SAMPLER, an
+# autograd solver (RNRI), null-text (a tuned embedding with SDXL's pooled vector), DDPM noise maps, NPI +
+# prompt-to-prompt + MasaCtrl + ProxEdit, the ProxEdit GUIDER, ProxEdit over DDPM, decoder inversion with
+# the fixed point, and the four restoration methods. The other SD workflows differ from these only in
+# widget values whose maths is model-agnostic (operators, forward-only solvers); they run on SD1.5 in
+# test_workflows.py and through the frontend's conversion in test_frontend.py.
+SDXL_WORKFLOWS = ["invert_and_reconstruct", "rnri_invert_and_reconstruct", "reconstruct_null_text", "reconstruct_ddpm",
+                  "texture_then_pose", "proxedit_guider", "proxedit_ddpm", "decoder_inversion_then_inversion",
+                  "restore_compare_methods"]
 
 
-@pytest.mark.parametrize("stem", SD_WORKFLOWS)
+def test_the_sdxl_workflows_cover_every_node_and_method_of_the_sd_workflows():
+    def uses(stem):
+        api = comfy_host.api_workflow(stem, size=64, steps=3)
+        return {(n["class_type"], str(n["inputs"].get("method", ""))) for n in api.values()
+                if n["class_type"] != "CheckpointLoaderSimple"}
+
+    assert set(SDXL_WORKFLOWS) <= set(SD_WORKFLOWS)
+    covered = set().union(*(uses(s) for s in SDXL_WORKFLOWS))
+    missing = {u for s in SD_WORKFLOWS for u in uses(s) if u not in covered}
+    # forward-only exact solvers run inside decoder_inversion_then_inversion (fixed point) on SDXL
+    assert missing <= {("InverseExactInversion", "gradient_descent"), ("InverseExactInversion", "anderson")}, missing
+
+
+@pytest.mark.parametrize("stem", SDXL_WORKFLOWS)
 def test_example_workflow_runs_on_sdxl(pack, sdxl, stem):
     prompt = comfy_host.api_workflow(stem, size=64, steps=3)
     for node in prompt.values():
@@ -118,23 +139,23 @@ def test_example_workflow_runs_on_sdxl(pack, sdxl, stem):
 
 @pytest.mark.parametrize("guidance,steps", [(7.5, 20), (1.0, 4)])
 def test_ddpm_inversion_reconstructs_exactly_on_sdxl(pack, sdxl, guidance, steps):
-    sd15.test_ddpm_inversion_reconstructs_exactly_through_comfyui(pack, sdxl, guidance, steps)
+    check_ddpm_inversion_reconstructs_exactly(pack, sdxl, guidance, steps)
 
 
 def test_proxedit_at_maximum_threshold_is_the_exact_reconstruction_on_sdxl(pack, sdxl):
     model, clip, vae, pos, neg = sdxl
     with torch.inference_mode():
         target = clip.encode_from_tokens_scheduled(clip.tokenize("a red sports car"))
-    z0, npi, rec, _ = sd15._invert_and_sample(pack, sdxl, "NegativePromptInversion", 7.5, steps=12, spacing="auto")
-    assert sd15._rel(sd15._prox(pack, sdxl, npi, target, quantile=1.0), rec) < 1e-6
-    assert sd15._rel(sd15._prox(pack, sdxl, npi, target, quantile=0.5), rec) > 1e-3
+    z0, npi, rec, _ = _invert_and_sample(pack, sdxl, "NegativePromptInversion", 7.5, steps=12, spacing="auto")
+    assert _rel(_prox(pack, sdxl, npi, target, quantile=1.0), rec) < 1e-6
+    assert _rel(_prox(pack, sdxl, npi, target, quantile=0.5), rec) > 1e-3
     # over DDPM noise maps: the input itself, to 3e-4 here (1e-5 on SD1.5): the edit evaluates
     # [base, target] in one batch where the guidance-1 inversion evaluated the prompt alone, and the
     # UNet's float32 rounding depends on the batch; 70 attention layers carry more of it
-    z0, ddpm, _, _ = sd15._invert_and_sample(pack, sdxl, "DDPMInversion", 1.0, steps=12, guidance=1.0,
-                                             spacing="auto", seed=1)
-    assert sd15._rel(sd15._prox(pack, sdxl, ddpm, target, quantile=1.0), z0) < 3e-4
+    z0, ddpm, _, _ = _invert_and_sample(pack, sdxl, "DDPMInversion", 1.0, steps=12, guidance=1.0,
+                                        spacing="auto", seed=1)
+    assert _rel(_prox(pack, sdxl, ddpm, target, quantile=1.0), z0) < 3e-4
 
 
 def test_guider_reproduces_the_proxedit_node_on_sdxl(pack, sdxl):
-    sd15.test_guider_reproduces_the_proxedit_node(pack, sdxl)
+    check_guider_reproduces_the_proxedit_node(pack, sdxl)

@@ -10,15 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_host
 import testbed as tb
+from support import comfy_host
 
-if not comfy_host.HOST_FOUND:
-    if comfy_host.REQUIRE_HOST:
-        raise RuntimeError(comfy_host.MISSING_REASON)
-    pytest.skip(comfy_host.MISSING_REASON, allow_module_level=True)
+comfy_host.skip_module_without_host()
 
-from testbed_runs import Testbed, edit_measures, nchw, nhwc, psnr  # noqa: E402
+from support.testbed_runs import Testbed, edit_measures, nchw, nhwc, psnr  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("COMFYUI_INVERSE_SHARED", ROOT.parent / "shared")) / "assets" / "taef2"
 
 

@@ -1,16 +1,13 @@
-"""Test-only ComfyUI nodes, loaded by the tests' in-process ComfyUI (tests/comfy_host.py) and by the
-server of the frontend tests (tests/frontend.py); never installed with the pack.
+"""Test-only ComfyUI nodes, loaded by the tests' in-process ComfyUI (tests/support/comfy_host.py) and
+by the server of the frontend tests (scripts/frontend.py); never installed with the pack. ComfyUI
+loads this folder as custom nodes, by its path; the nodes import the support package, which is on
+``sys.path`` in the tests' process and on the PYTHONPATH of that server (comfy_host.host_nodes_env).
 
 TestTinyFlowCheckpoint stands in for Load Checkpoint in the flow-model example workflows, whose real
 checkpoints (Flux dev, SD3.5) are far too large for a test machine: same input, same outputs, and
 a tiny random-weight model of the family the checkpoint name says (comfy_host.tiny_flow_checkpoint),
 built once per process.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 _built: dict = {}
 
 
@@ -27,7 +24,7 @@ class TestTinyFlowCheckpoint:
     CATEGORY = "testing"
 
     def load(self, ckpt_name):
-        import comfy_host
+        from support import comfy_host
 
         if ckpt_name not in comfy_host.FLOW_CHECKPOINTS:
             raise ValueError(f"ckpt_name: {ckpt_name} is none of {sorted(comfy_host.FLOW_CHECKPOINTS)}")

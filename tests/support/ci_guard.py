@@ -2,7 +2,7 @@
 
 Under COMFYUI_INVERSE_REQUIRE_HOST=1 (set by .ci/run) a skipped test or a skipped module makes the
 run fail: CI must never land a change whose integration tests did not execute. Loaded by
-tests/conftest.py; usable alone with ``-p ci_guard``.
+tests/conftest.py; usable alone with ``-p support.ci_guard`` (tests/ and scripts/ on the path).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _skipped: list[str] = []
 
 def pytest_report_header(config):
     try:
-        import comfy_host
+        from support import comfy_host
     except Exception as exc:  # a broken host module shows up in collection too
         return [f"ComfyUI host: unknown ({exc})"]
     if comfy_host.HOST_FOUND:

@@ -1,6 +1,6 @@
 """The pack's nodes on the trained testbed (scripts/testbed.py), as the tests and the benches run them:
 encode/decode held-out images, invert, reconstruct, edit and restore through the nodes' own
-``execute``, with every image NCHW in [0, 1]. Needs the in-process host (tests/comfy_host.py)."""
+``execute``, with every image NCHW in [0, 1]. Needs the in-process host (support/comfy_host.py)."""
 from __future__ import annotations
 
 import importlib
@@ -8,8 +8,9 @@ import json
 
 import torch
 
-import comfy_host
-import testbed as tb
+import testbed as tb  # scripts/
+
+from support import comfy_host
 
 
 def psnr(a, b, mask=None):
@@ -32,6 +33,8 @@ def nchw(x):
 
 
 class Testbed:
+    __test__ = False  # a helper, not a test class (test modules import it)
+
     def __init__(self):
         self.pack = comfy_host.start_inprocess()
         t = comfy_host.load_testbed()
@@ -100,9 +103,7 @@ class Testbed:
         control = None
         with torch.inference_mode():
             if method == "prox_npi_p2p":
-                control, source, target = e.PromptToPrompt.execute(self.clip, self.prompts(idx)[0], targets[0],
-                                                                   "replace", 0.8, 0.5, "", True, "", 0.3,
-                                                                   0.2).args
+                control, source, target = _p2p(e, self.clip, self.prompts(idx)[0], targets[0])
             else:
                 source, target = self.cond(self.prompts(idx)), self.cond(targets)
             if method == "prox_masactrl":
@@ -144,6 +145,18 @@ class Testbed:
         with torch.inference_mode():
             out = self.nodes("restoration").Restore.execute(self.model, self.vae, pos, y, op, **args).args
         return nchw(out[0]).clamp(0, 1), json.loads(out[2])
+
+
+def _p2p(editing_nodes, clip, source: str, target: str):
+    """Prompt-to-prompt's word swap, or its refinement where the node says the two prompts differ in
+    token count ("t-shirt" -> "shirt"), as a user would follow its error message."""
+    for mode in ("replace", "refine"):
+        try:
+            return editing_nodes.PromptToPrompt.execute(clip, source, target, mode, 0.8, 0.5, "", True, "", 0.3,
+                                                        0.2).args
+        except Exception as e:  # noqa: BLE001  the node's InverseInputError
+            if mode == "refine" or "mode 'refine'" not in str(e):
+                raise
 
 
 def edit_measures(edited, source, want_colour=None, want_class=None, classifier=None) -> list:

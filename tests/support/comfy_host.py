@@ -8,16 +8,17 @@ under COMFYUI_INVERSE_REQUIRE_HOST=1 (.ci/run) a missing host, or any skipped te
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import provision  # noqa: E402
-import ui_workflows  # noqa: E402  (the example workflows' checkpoints)
+import example_checkpoints  # scripts/ (on the path as pytest runs, and through bench/_boot.py)
+import provision
+
+ROOT = Path(__file__).resolve().parents[2]
 
 REQUIRE_HOST = os.environ.get("COMFYUI_INVERSE_REQUIRE_HOST") == "1"
 try:
@@ -35,12 +36,31 @@ PACK_DIR_NAME = "ComfyUI-Inverse"
 CACHE_DIR = provision.cache_dir()
 TINY_CKPT_NAME = "inverse_tiny_sd15_v1.safetensors"
 # the flow-model example workflows' checkpoints, and the test node that stands in for Load Checkpoint
-# with them (tests/host_nodes: a tiny model of the family, its real text-encoder classes, a 16-channel VAE)
-FLOW_CHECKPOINTS = {ui_workflows.FLUX["name"]: "flux", ui_workflows.SD35["name"]: "sd3"}
+# with them (tests/support/host_nodes: a tiny model of the family, its real text-encoder classes, a 16-channel VAE)
+FLOW_CHECKPOINTS = {example_checkpoints.FLUX["name"]: "flux", example_checkpoints.SD35["name"]: "sd3"}
 TINY_FLOW_LOADER = "TestTinyFlowCheckpoint"
-HOST_NODES = ROOT / "tests" / "host_nodes"
+HOST_NODES = ROOT / "tests" / "support" / "host_nodes"
 
 _state: dict = {}
+
+
+def skip_module_without_host() -> None:
+    """Called at the top of an integration test module: without a host the module is skipped with
+    the loud reason, or, under COMFYUI_INVERSE_REQUIRE_HOST=1, its collection fails."""
+    if not HOST_FOUND:
+        if REQUIRE_HOST:
+            raise RuntimeError(MISSING_REASON)
+        import pytest
+
+        pytest.skip(MISSING_REASON, allow_module_level=True)
+
+
+def host_nodes_env() -> dict:
+    """What a ComfyUI server loading :data:`HOST_NODES` needs in its environment: tests/ and scripts/
+    on its PYTHONPATH, for the test nodes' ``from support import comfy_host``."""
+    paths = [str(ROOT / "tests"), str(ROOT / "scripts")]
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
 
 
 def boot_script() -> Path:
@@ -51,7 +71,6 @@ def tiny_checkpoint() -> Path:
     """The random-weight SD1.5-format checkpoint, generated once and cached."""
     path = CACHE_DIR / "checkpoints" / TINY_CKPT_NAME
     if not path.is_file():
-        sys.path.insert(0, str(ROOT / "scripts"))
         import make_tiny_checkpoint
 
         make_tiny_checkpoint.main([str(path), "--comfyui", str(COMFYUI_PATH)])
@@ -92,8 +111,11 @@ def batched_cond(clip, texts: list) -> list:
 
 
 def pack_link_dir() -> Path:
-    """A folder holding only a link to this pack, to serve as a custom_nodes path."""
-    d = Path(tempfile.gettempdir()) / f"comfyui-inverse-nodes-{os.getuid()}"
+    """A folder holding only a link to this pack, to serve as a custom_nodes path; one per checkout, so
+    that runs from two clones at once (CI beside a working tree, a bench beside the tests) never re-point
+    each other's link while a process loads the pack through it."""
+    tag = hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]
+    d = Path(tempfile.gettempdir()) / f"comfyui-inverse-nodes-{os.getuid()}-{tag}"
     d.mkdir(exist_ok=True)
     link = d / PACK_DIR_NAME
     if link.is_symlink() and link.resolve() != ROOT:
@@ -110,7 +132,6 @@ def start_inprocess():
         return _state["pack"]
     if not HOST_FOUND:
         raise RuntimeError(MISSING_REASON)
-    sys.path.insert(0, str(boot_script().parent))
     import comfy_boot
 
     comfy_boot.ensure_torchvision_importable()
@@ -184,7 +205,7 @@ def workflow_family(name: str) -> str:
     import json
 
     prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
-    return FLOW_CHECKPOINTS.get(ui_workflows.checkpoint_of(prompt), "sd")
+    return FLOW_CHECKPOINTS.get(example_checkpoints.checkpoint_of(prompt), "sd")
 
 
 def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
@@ -197,7 +218,7 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
 
     prompt = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
     # the trained testbed's workflows run as they are: its own checkpoint, at the size it was trained at
-    testbed = any(n["inputs"].get("ckpt_name") == ui_workflows.TESTBED["name"] for n in prompt.values())
+    testbed = any(n["inputs"].get("ckpt_name") == example_checkpoints.TESTBED["name"] for n in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple" and not testbed:

@@ -1,9 +1,9 @@
 """UI-format (litegraph) twins of the API-format example workflows, laid out for people.
 
-``python tests/ui_workflows.py`` regenerates workflows/*.json (and their template thumbnails,
+``python scripts/ui_workflows.py`` regenerates workflows/*.json (and their template thumbnails,
 workflows/*.jpg, and the README's screenshots, docs/screenshots/*.png) from workflows/api/*.json,
 using the node definitions of the real ComfyUI (COMFYUI_PATH) and its real frontend in a headless
-browser (tests/frontend.py), which measures every node's size. Each workflow gets:
+browser (scripts/frontend.py), which measures every node's size. Each workflow gets:
 - a readable file name (the template browser's card title), numbered in reading order (MANIFEST);
 - groups per stage (load, invert, edit/restore, decode and save), nodes in columns by data flow,
   no two nodes overlapping, every node at least the size the frontend needs to show its widgets;
@@ -18,20 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# the checkpoints the example workflows load, with their downloads (also read by the tests' host)
+from example_checkpoints import CHECKPOINTS, FLUX, SD15, SD35, TESTBED, checkpoint_of  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes, never queued
 
-SD15 = {"name": "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints",
-        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"}
-FLUX = {"name": "flux1-dev-fp8.safetensors", "directory": "checkpoints",
-        "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors"}
-SD35 = {"name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "directory": "checkpoints",
-        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
-               "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}
-# the pack's trained testbed (scripts/testbed.py): assembled locally from tests/data, no download
-TESTBED = {"name": "inverse_testbed_sd15_v1.safetensors", "directory": "checkpoints"}
-CHECKPOINTS = {m["name"]: m for m in (SD15, FLUX, SD35, TESTBED)}  # what the loaders name, with its download
 # per checkpoint: what the note says about the model, and about the machine it needs
 MODEL_NOTE = {
     SD15["name"]: ("Checkpoint: any SD1.x/SD2.x/SDXL checkpoint (the file named in Load Checkpoint is SD1.5's; the "
@@ -182,7 +175,7 @@ def ui_file(stem: str) -> Path:
     for i, (s, title, *_rest) in enumerate(MANIFEST):
         if s == stem:
             return ROOT / "workflows" / f"{i + 1:02d} {title}.json"
-    raise KeyError(f"{stem} is not in tests/ui_workflows.py's MANIFEST")
+    raise KeyError(f"{stem} is not in scripts/ui_workflows.py's MANIFEST")
 
 
 def _stage_titles(prompt: dict) -> list[str]:
@@ -195,14 +188,6 @@ def _stage_titles(prompt: dict) -> list[str]:
                          "VAEDecode", "SaveImage"}:
         return ["Load: VAE and photo", "Encode and invert the decoder", "", "Decode and save"]
     return ["Load: model, photo, prompts", "Encode and invert", "Reconstruct", "Decode and save"]
-
-
-def checkpoint_of(prompt: dict) -> str:
-    """The checkpoint an example workflow loads (one per workflow)."""
-    names = {n["inputs"]["ckpt_name"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"}
-    if len(names) != 1 or not names <= set(CHECKPOINTS):
-        raise ValueError(f"an example workflow loads one checkpoint of {sorted(CHECKPOINTS)}, not {sorted(names)}")
-    return names.pop()
 
 
 def note_text(stem: str) -> str:
@@ -465,9 +450,9 @@ SCREENSHOTS = {  # one per capability, for the README
 def main() -> None:
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import comfy_host
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' support package: ComfyUI in-process, the test nodes
     import frontend
+    from support import comfy_host
     from PIL import Image
 
     comfy_host.start_inprocess()
@@ -484,8 +469,8 @@ def main() -> None:
     shots = ROOT / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
-                                  ROOT / "workflows" / "input", ROOT / "scripts",
-                                  (comfy_host.HOST_NODES,)) as fe:
+                                  ROOT / "workflows" / "input", (comfy_host.HOST_NODES,),
+                                  comfy_host.host_nodes_env()) as fe:
         canvas, blocked = fe.canvas_rect(), fe.blocked_cells()
         readable = fe.low_quality_below()
         print(f"canvas {canvas}, {len(blocked)} cells covered by panels, text drawn from zoom {readable:.3f}")

@@ -1,6 +1,6 @@
 """ComfyUI's real frontend in a headless browser, for the UI workflow tests and the generator.
 
-A ComfyUI server (the host of tests/comfy_host.py, this pack, the tiny checkpoint, the example
+A ComfyUI server (the host of tests/support/comfy_host.py, this pack, the tiny checkpoint, the example
 input photo) is started on 127.0.0.1, and Debian's Chromium is driven by Playwright for Python
 (Playwright's own browser download cannot work offline, so the system executable is used:
 ``CHROMIUM`` or the first of /usr/bin/chromium, chromium-browser, google-chrome on PATH).
@@ -227,17 +227,16 @@ class Frontend:
 
 
 class FrontendSession:
-    """A server with this pack, the tiny checkpoint (and ``extra_nodes`` folders of custom nodes), and a
-    browser page on it (context manager)."""
+    """A server with this pack, the tiny checkpoint (and ``extra_nodes`` folders of custom nodes, with
+    ``env`` added to the server's environment, e.g. the PYTHONPATH their imports need), and a browser
+    page on it (context manager)."""
 
-    def __init__(self, comfy_dir: Path, checkpoints: Path, inputs: Path, scripts: Path, extra_nodes: tuple = ()):
-        import sys
-
-        sys.path.insert(0, str(scripts))
-        import run_workflow
+    def __init__(self, comfy_dir: Path, checkpoints: Path, inputs: Path, extra_nodes: tuple = (),
+                 env: dict | None = None):
+        import run_workflow  # scripts/, beside this file
 
         self._rw = run_workflow
-        self.local = run_workflow.LocalComfy(comfy_dir, checkpoints, True, [], extra_nodes=extra_nodes)
+        self.local = run_workflow.LocalComfy(comfy_dir, checkpoints, True, [], env=env, extra_nodes=extra_nodes)
         self.inputs = inputs
 
     def __enter__(self) -> Frontend:
