@@ -1,8 +1,9 @@
 """The fixtures the integration tests share (a pytest plugin, registered by tests/conftest.py).
 
-Session-scoped: ComfyUI itself is imported into the process once (``comfy_host.start_inprocess`` keeps it)
-and the tiny models are loaded once for the whole run (the nodes never mutate a shared MODEL, which the
-tests check).
+``pack``, ``glue`` and ``core`` are session-scoped (ComfyUI is imported into the process once). The models
+are module-scoped, as in the modules that defined them: a gradient through the glue turns a loaded
+model's inference tensors into ordinary ones in place (same values), and some tests must start from a
+freshly loaded model's inference weights.
 - ``pack``: the pack as ComfyUI loaded it; ``glue``: its ComfyUI glue (nodes/comfy/); ``core``: core/ddim.
 - ``loaded``: the tiny SD1.5 checkpoint as ComfyUI's loader node loads it, and two prompts
   (model, clip, vae, positive, negative).
@@ -35,7 +36,7 @@ def core(pack):
     return importlib.import_module(pack.__name__ + ".core.ddim")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loaded(pack):
     """The tiny checkpoint loaded the way ComfyUI's loader node does (under inference mode)."""
     import comfy.sd
@@ -47,13 +48,13 @@ def loaded(pack):
     return model, clip, vae, pos, neg
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sd3(pack):
     model, cond = comfy_host.tiny_flow_model("sd3")
     return model, cond(), cond(), cond()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def flux(pack):
     model, cond = comfy_host.tiny_flow_model("flux")
     return model, cond(), cond()
