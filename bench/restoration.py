@@ -58,8 +58,7 @@ class Counting:
 
 
 def consistency(op, y, x) -> float:
-    r = float((y - op.A(x)).reshape(y.shape[0], -1).norm(dim=1).mean())
-    return r / (op.sigma_y * math.sqrt(y[0].numel()))
+    return op.consistency(y, x)["consistency"]
 
 
 def psnr(x, clean) -> float:  # images in [-1, 1]

@@ -60,12 +60,16 @@ class Operator:
         the image ``x`` (3 channels); a blur shows its kernel and an inpainting its mask."""
         return (self.At(self.A(x), x).clamp(-1, 1) + 1.0) / 2.0
 
+    def residual(self, y: Tensor, x: Tensor) -> Tensor:
+        """||y - A x|| per image, [B] (differentiable): the data term of the posterior samplers."""
+        return (y - self.A(x)).reshape(y.shape[0], -1).norm(dim=1)
+
     def consistency(self, y: Tensor, x: Tensor) -> dict[str, Optional[float]]:
         """How well the image ``x`` explains the measurement ``y``: ``residual``, the mean over images
         of ||y - A x||, and ``consistency``, that residual over the noise's expected norm
         sigma_y sqrt(m) (m the values of one measurement; about 1 where x is as consistent as the
         clean image; None without measurement noise)."""
-        r = float((y - self.A(x)).reshape(y.shape[0], -1).norm(dim=1).mean())
+        r = float(self.residual(y, x).mean())
         m = y[0].numel()
         return {"residual": r, "consistency": (r / (self.sigma_y * math.sqrt(m))) if self.sigma_y > 0 else None}
 

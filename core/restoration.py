@@ -186,7 +186,7 @@ def _posterior_sampling(p: Problem, cfg: RestorationConfig, gamma: float) -> Res
             eps = p.predictor(zz, ts[i], [p.cond])[0].float()
             x0 = predicted_x0(zz, eps, ab[i])
             xd = p.decode(x0)
-            r = (p.y - p.op.A(xd)).reshape(p.y.shape[0], -1).norm(dim=1)
+            r = p.op.residual(p.y, xd)
             objective = cfg.zeta * r.sum()
             if gamma > 0:
                 glued = glue(p.op, p.y, xd, cfg.glue_iters)
@@ -277,7 +277,7 @@ def stsl(problem: Problem, cfg: Optional[RestorationConfig] = None) -> Restorati
         z, e_z = _stsl_refine(p, cfg, z, i)
         with torch.no_grad():
             x0 = predicted_x0(z, e_z, ab[i])  # line 13, with line 9's last evaluation
-            residuals.append(float((p.y - p.op.A(p.decode(x0))).reshape(p.y.shape[0], -1).norm(dim=1).mean()))
+            residuals.append(float(p.op.residual(p.y, p.decode(x0)).mean()))
             z = ddpm_posterior_mean(z, x0, ab[i], ab[i + 1])  # line 14
         check_diverged(z, i, "STSL")
         p.step_done(i, z)
@@ -366,7 +366,7 @@ def _p2l_guidance(p: Problem, cfg: RestorationConfig, z: Tensor, i: int, C: Tens
         zz = z.detach().clone().requires_grad_(True)                             # (2) with the tuned C
         eps = p.predictor(zz, t, [p.make_cond(C.detach())])[0].float()
         x0 = predicted_x0(zz, eps, a)
-        r = (p.y - p.op.A(p.decode(x0))).reshape(p.y.shape[0], -1).norm(dim=1)
+        r = p.op.residual(p.y, p.decode(x0))
         (grad,) = torch.autograd.grad(cfg.zeta * r.sum(), zz)
     return eps.detach(), x0.detach(), grad.detach(), r.detach()
 
