@@ -132,7 +132,7 @@ def main(argv=None) -> None:
 
         calls = pred.calls
         t1 = time.perf_counter()
-        traj = ddim.ddim_invert(pred, z, grid, "c")
+        traj = ddim.ddim_invert(pred, z, grid, "c").trajectory
         sync()
         out["euler_inversion_s"], out["euler_inversion_calls"] = round(time.perf_counter() - t1, 2), pred.calls - calls
         calls = pred.calls

@@ -92,24 +92,27 @@ def run_method(method, pred, z0, grid, backend, guidance):
     residual = None
     result_uncond = u
     if method == "ddim":
-        traj = ddim.ddim_invert(pred, z0, grid, "c", u, guidance)
+        traj = ddim.ddim_invert(pred, z0, grid, "c", u, guidance).trajectory
     elif method in SOLVERS:
         _, solver, settings, adjust = SOLVERS[method]
         cfg = inversion.SolverConfig(**settings)
         if adjust:
             z0 = inversion.prompt_aware_adjust(pred, z0, grid, "c", u, guidance, rounds=adjust)
-        traj, rep = inversion.iterative_invert(pred, z0, grid, "c", u, guidance, solver, cfg, grad_context=gc)
+        res = inversion.iterative_invert(pred, z0, grid, "c", u, guidance, solver, cfg, grad_context=gc)
+        traj, rep = res.trajectory, res.report
         residual = sum(rep.residuals) / len(rep.residuals)
     elif method == "npi":
-        traj = ddim.ddim_invert(pred, z0, grid, "c")
+        traj = ddim.ddim_invert(pred, z0, grid, "c").trajectory
         result_uncond = "c"
     elif method == "null_text":
-        traj = ddim.ddim_invert(pred, z0, grid, "c")
-        embs, _ = inversion.null_text_optimize(pred, traj, grid, "c", backend["null_init"](), backend["make_uncond"],
-                                               guidance, inner_steps=10, lr=backend["null_lr"], grad_context=gc)
+        traj = ddim.ddim_invert(pred, z0, grid, "c").trajectory
+        embs = inversion.null_text_optimize(pred, traj, grid, "c", backend["null_init"](), backend["make_uncond"],
+                                            guidance, inner_steps=10, lr=backend["null_lr"],
+                                            grad_context=gc).extras["null_embeddings"]
         result_uncond = [backend["make_uncond"](e) for e in embs]
     elif method == "ddpm":
-        xs, maps = inversion.ddpm_invert(pred, z0, grid, "c", u, guidance, torch.Generator().manual_seed(0))
+        res = inversion.ddpm_invert(pred, z0, grid, "c", u, guidance, torch.Generator().manual_seed(0))
+        xs, maps = res.trajectory, res.extras["noise_maps"]
     seconds = time.perf_counter() - t0
     pred.enabled = False
     try:

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .protocols import NoisePredictor, StepCallback
+from .result import InversionResult
 from .schedule import TimestepGrid
 from .steps import ddim_step, guided_eps
 
@@ -21,11 +22,12 @@ Tensor = torch.Tensor
 
 
 def ddim_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any,
-                uncond: Any = None, guidance: float = 1.0, callback: StepCallback = None) -> list[Tensor]:
+                uncond: Any = None, guidance: float = 1.0, callback: StepCallback = None) -> InversionResult:
     """DDIM inversion, RNRI eq. (4) applied for every step of ``grid`` from clean to noisy.
 
-    Returns the trajectory in inversion order: ``[z0, z_{t_1}, ..., z_{t_N}]`` where
-    ``t_1 < ... < t_N`` are ``grid.timesteps`` reversed (the clean level first).
+    Returns the family's result (method "ddim"), whose trajectory is in inversion order:
+    ``[z0, z_{t_1}, ..., z_{t_N}]`` where ``t_1 < ... < t_N`` are ``grid.timesteps`` reversed (the
+    clean level first).
     """
     ts = grid.timesteps[::-1]
     ab = grid.alphas_cumprod[::-1]
@@ -37,7 +39,7 @@ def ddim_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond:
         traj.append(z)
         if callback is not None:
             callback(i - 1, grid.steps, z)
-    return traj
+    return InversionResult(traj, grid, "ddim", guidance)
 
 
 def ddim_sample(predictor: NoisePredictor, z_T: Tensor, grid: TimestepGrid, cond: Any,

@@ -8,7 +8,8 @@ for one inversion step from level s (latent z_s, abar a_s) to level t (abar a_t)
 
 and the exact inversion is the root of r(z) = z - f(z) (eq. 5). DDIM inversion (eq. 4) takes
 f(z_s). Every solver below is one short function over the same contract
-``solve(step, cfg, grad_context) -> (z_t, residual history, residual)``; the bookkeeping they
+``solve(step, cfg, grad_context) -> (z_t, residual history, residual)``, and every inversion here
+returns the family's one result type, :class:`~.result.InversionResult`. The bookkeeping they
 share lives in :class:`_Track`:
 
 - everything is per image: residuals mean|r| over each image, tolerance, early stop and the best
@@ -38,14 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
 from .ddim import ddim_invert, ddim_sample
 from .protocols import NoisePredictor, StepCallback
-from .result import InversionResult
+from .result import InversionResult, StepReport
 from .schedule import TimestepGrid
 from .steps import apply_noise_map, ddim_step, ddpm_posterior, f64, guided_eps
 
@@ -77,13 +78,6 @@ class SolverConfig:
     krylov: int = 3
     jvp: str = "finite_difference"
     z_clean: Optional[Tensor] = None
-
-
-@dataclass
-class StepReport:
-    residuals: list[float] = field(default_factory=list)   # mean over images of mean|z - f(z)| of the returned latent
-    iterations: list[int] = field(default_factory=list)    # updates made per step
-    history: list[list[float]] = field(default_factory=list)  # mean residual of every evaluated iterate, per step
 
 
 class _Step:
@@ -480,13 +474,18 @@ SOLVERS = {
     "gradient_descent": solve_gradient_descent,
 }
 
+#: the solvers that need only forward model calls and beat DDIM in bench/inversion.py: the ones a
+#: SAMPLER offers (RNRI and gradient descent need gradients through the model, which a GUIDER
+#: cannot give; rnri_jacobian_free is often worse than DDIM)
+FORWARD_SOLVERS = ("anderson", "newton_krylov", "fixed_point")
+
 
 def iterative_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
                      guidance: float = 1.0, method: str = "rnri", cfg: Optional[SolverConfig] = None,
                      callback: StepCallback = None, grad_context: GradContext = torch.enable_grad,
-                     ) -> tuple[list[Tensor], StepReport]:
+                     ) -> InversionResult:
     """Invert ``z0`` step by step, solving RNRI eq. 3 at every step with the chosen solver.
-    Returns the trajectory (clean first, as :func:`ddim_invert`) and the per-step report. ``method``
+    Returns the trajectory (clean first, as :func:`ddim_invert`) with the per-step report. ``method``
     is a name in :data:`SOLVERS` (the node checks it against its options, which are those names)."""
     cfg = cfg or SolverConfig()
     if cfg.iterations < 0:
@@ -507,7 +506,17 @@ def iterative_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, 
         report.history.append(hist)
         if callback is not None:
             callback(i - 1, grid.steps, z)
-    return traj, report
+    return InversionResult(traj, grid, method, guidance, report=report)
+
+
+def invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
+           guidance: float = 1.0, method: str = "ddim", cfg: Optional[SolverConfig] = None,
+           callback: StepCallback = None, grad_context: GradContext = torch.enable_grad) -> InversionResult:
+    """DDIM inversion (``method`` "ddim", RNRI eq. 4) or :func:`iterative_invert` with a solver of
+    :data:`SOLVERS`: the one entry point of the deterministic inversions."""
+    if method == "ddim":
+        return ddim_invert(predictor, z0, grid, cond, uncond, guidance, callback)
+    return iterative_invert(predictor, z0, grid, cond, uncond, guidance, method, cfg, callback, grad_context)
 
 
 def prompt_aware_adjust(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
@@ -521,7 +530,7 @@ def prompt_aware_adjust(predictor: NoisePredictor, z0: Tensor, grid: TimestepGri
     sub = TimestepGrid(grid.timesteps[-(depth + 1):], grid.alphas_cumprod[-(depth + 1):])
     z = z0.float()
     for k in range(rounds):
-        up = ddim_invert(predictor, z, sub, cond, uncond, guidance)[-1]
+        up = ddim_invert(predictor, z, sub, cond, uncond, guidance).noise_latent
         z = ddim_sample(predictor, up, sub, cond, uncond, guidance)[-1]
         if callback is not None:
             callback(k, rounds, z)
@@ -531,11 +540,11 @@ def prompt_aware_adjust(predictor: NoisePredictor, z0: Tensor, grid: TimestepGri
 # ------------------------------------------------------------------------------------------
 # null-text inversion (Mokady et al. 2023, Alg. 1)
 
-def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid: TimestepGrid, cond: Any,
-                       null_embedding: Tensor, make_uncond: Callable[[Tensor], Any], guidance: float = 7.5,
+def null_text_optimize(predictor: NoisePredictor, pivot: "InversionResult | Sequence[Tensor]", grid: TimestepGrid,
+                       cond: Any, null_embedding: Tensor, make_uncond: Callable[[Tensor], Any], guidance: float = 7.5,
                        inner_steps: int = 10, lr: float = 1e-2, tol: float = 1e-5,
                        callback: StepCallback = None, grad_context: GradContext = torch.enable_grad,
-                       ) -> tuple[list[Tensor], list[float]]:
+                       ) -> InversionResult:
     """Null-text inversion (Mokady et al. 2023, Alg. 1) on the authors' schedule
     (google/prompt-to-prompt, ``NullInversion.null_optimization``): at sampling step i (0 = the
     noisiest), a fresh Adam with learning rate ``lr * (1 - i / 100)`` optimises the unconditional
@@ -543,11 +552,18 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
     inversion at guidance 1); each inner iteration takes its Adam step and then stops the loop once
     the loss it measured is below ``tol + i * 2e-5``. The step is then taken with the optimised
     embedding. Gradients are taken with respect to the embedding alone (``torch.autograd.grad``),
-    so a model whose weights require grad gains no ``.grad``. Returns the per-step embeddings
-    (sampling order) and the last measured loss per step."""
+    so a model whose weights require grad gains no ``.grad``. Returns the pivot as the trajectory
+    (method "null_text"), with the per-step embeddings (sampling order) in ``extras["null_embeddings"]``
+    and the last measured loss per step in ``extras["null_text_losses"]``."""
+    pivot = pivot.trajectory if isinstance(pivot, InversionResult) else list(pivot)
+
+    def result(embeddings: list[Tensor], losses: list[float]) -> InversionResult:
+        return InversionResult(pivot, grid, "null_text", guidance,
+                               {"null_embeddings": embeddings, "null_text_losses": losses})
+
     if guidance == 1.0:  # eps = eps_c: the unconditional embedding has no effect to optimise
-        return [null_embedding.detach().float().clone() for _ in range(grid.steps)], [0.0] * grid.steps
-    keep = list(pivot)[::-1]  # sampling order: keep[0] is z_T
+        return result([null_embedding.detach().float().clone() for _ in range(grid.steps)], [0.0] * grid.steps)
+    keep = pivot[::-1]  # sampling order: keep[0] is z_T
     ts, ab = grid.timesteps, grid.alphas_cumprod
     z = keep[0].float()
     emb = null_embedding.detach().float().clone()
@@ -577,7 +593,7 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
         losses.append(loss_val)
         if callback is not None:
             callback(i, grid.steps, z)
-    return embeddings, losses
+    return result(embeddings, losses)
 
 
 # ------------------------------------------------------------------------------------------
@@ -585,13 +601,14 @@ def null_text_optimize(predictor: NoisePredictor, pivot: Sequence[Tensor], grid:
 
 def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
                 guidance: float = 1.0, generator: Optional[torch.Generator] = None,
-                callback: StepCallback = None) -> tuple[list[Tensor], list[Tensor]]:
+                callback: StepCallback = None) -> InversionResult:
     """Edit-friendly DDPM inversion: independent forward samples x_t = sqrt(a_t) x0 + sqrt(1-a_t) n_t
     at every level, then per step the noise map z_t = (x_s - mu_t(x_t)) / sigma_t that makes the
     DDPM step reproduce x_s exactly. Where sigma_t = 0 (the last step onto a clean level) the map is
     the plain residual x_s - mu_t. The maps are float64: sampling with them then reproduces every
     float32 level exactly, so the reconstruction is exact at any number of steps and guidance.
-    Returns (levels in inversion order, noise maps in sampling order)."""
+    Returns the levels as the trajectory (inversion order, method "ddpm") with the noise maps in
+    sampling order in ``extras["noise_maps"]``."""
     ts, ab = grid.timesteps, grid.alphas_cumprod
     z0 = z0.float()
     rev_ab = ab[::-1]
@@ -609,7 +626,7 @@ def ddpm_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond:
         maps.append((f64(levels[i + 1]) - f64(mean)) / (sigma if sigma > 0 else 1.0))
         if callback is not None:
             callback(i, grid.steps, levels[i + 1])
-    return xs, maps
+    return InversionResult(xs, grid, "ddpm", guidance, {"noise_maps": maps})
 
 
 def ddpm_sample(predictor: NoisePredictor, x_start: Tensor, grid: TimestepGrid, noise_maps: Sequence[Tensor],

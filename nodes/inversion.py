@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..core import ddim
 from ..core import inversion as inv
 from ..core.result import InversionResult
 from ..core.schedule import SPACINGS
@@ -115,7 +114,7 @@ def _report(result: InversionResult) -> str:
              f"{e.get('model_calls', 0)} model calls"]
     if e.get("grad_calls"):
         parts.append(f"{e['grad_calls']} with gradients")
-    res = e.get("residuals")
+    res = result.report.residuals
     if res:
         parts.append(f"residual mean|z - f(z)| per step: mean {sum(res) / len(res):.2e}, max {max(res):.2e}, "
                      f"below 1e-4 on {sum(r < 1e-4 for r in res)}/{len(res)} steps")
@@ -135,8 +134,11 @@ def _outputs(model, result: InversionResult, positive=None, negative=None) -> io
                          glue.grid_sigmas(model, result.grid), _report(result))
 
 
-def _cpu(traj):
-    return [z.detach().float().cpu() for z in traj]
+def _finish(result: InversionResult, pred, **extras) -> InversionResult:
+    """The core result on the CPU, with the model calls it took and the node's extras."""
+    result = result.to("cpu")
+    result.extras.update(model_calls=pred.calls, grad_calls=pred.grad_calls, **extras)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,11 +166,10 @@ class DDIMInversion(io.ComfyNode):
         src = _Source(model, positive, negative, latent, image, vae, steps, guidance, spacing)
 
         def run(pred, z0):
-            traj = ddim.ddim_invert(pred, z0, src.grid, "positive", src.uncond, guidance, callback=src.progress)
-            return _cpu(traj), pred.calls
+            return _finish(inv.invert(pred, z0, src.grid, "positive", src.uncond, guidance, callback=src.progress),
+                           pred)
 
-        traj, calls = src.run(run)
-        return _outputs(model, InversionResult(traj, src.grid, "ddim", guidance, {"model_calls": calls}), positive, negative)
+        return _outputs(model, src.run(run), positive, negative)
 
 
 EXACT_METHODS = list(inv.SOLVERS)
@@ -228,14 +229,11 @@ class ExactInversion(io.ComfyNode):
 
         def run(pred, z0):
             z0 = inv.prompt_aware_adjust(pred, z0, src.grid, "positive", src.uncond, guidance, rounds=adjust_rounds)
-            traj, rep = inv.iterative_invert(pred, z0, src.grid, "positive", src.uncond, guidance, method, cfg,
-                                             callback=src.progress, grad_context=pred.autograd)
-            return _cpu(traj), rep, pred.calls, pred.grad_calls
+            result = inv.invert(pred, z0, src.grid, "positive", src.uncond, guidance, method, cfg,
+                                callback=src.progress, grad_context=pred.autograd)
+            return _finish(result, pred, adjust_rounds=adjust_rounds)
 
-        traj, rep, calls, grad_calls = src.run(run)
-        extras = {"model_calls": calls, "grad_calls": grad_calls, "residuals": rep.residuals,
-                  "iterations": rep.iterations, "history": rep.history, "adjust_rounds": adjust_rounds}
-        return _outputs(model, InversionResult(traj, src.grid, method, guidance, extras), positive, negative)
+        return _outputs(model, src.run(run), positive, negative)
 
 
 class NegativePromptInversion(io.ComfyNode):
@@ -259,11 +257,11 @@ class NegativePromptInversion(io.ComfyNode):
         src = _Source(model, positive, None, latent, image, vae, steps, 1.0, spacing)
 
         def run(pred, z0):
-            return _cpu(ddim.ddim_invert(pred, z0, src.grid, "positive", callback=src.progress)), pred.calls
+            result = _finish(inv.invert(pred, z0, src.grid, "positive", callback=src.progress), pred)
+            result.method = "npi"
+            return result
 
-        traj, calls = src.run(run)
-        extras = {"model_calls": calls, "source_cond": positive}
-        return _outputs(model, InversionResult(traj, src.grid, "npi", 1.0, extras), positive)
+        return _outputs(model, src.run(run), positive)
 
 
 class NullTextInversion(io.ComfyNode):
@@ -304,22 +302,19 @@ class NullTextInversion(io.ComfyNode):
         first, second = src.two_stage_progress()
 
         def run(pred, z0):
-            pivot = ddim.ddim_invert(pred, z0, src.grid, "positive", callback=first)
+            pivot = inv.invert(pred, z0, src.grid, "positive", callback=first)
             null = pred.embedding("negative").float()
             null = null.expand(B, *null.shape[1:]).clone() if null.shape[0] == 1 else null.clone()
             # where the model reads a pooled vector (SDXL, SD3, Flux) it carries the negative prompt
             # to every block: optimise it with the token embedding
             null, layout = glue.PromptLayout.pack(null, pred.pooled("negative"))
-            embs, losses = inv.null_text_optimize(
+            result = inv.null_text_optimize(
                 pred, pivot, src.grid, "positive", null, lambda e: layout.cond("negative", e), guidance,
                 inner_steps=inner_steps, lr=learning_rate, tol=tolerance, callback=second,
                 grad_context=pred.autograd)
-            return _cpu(pivot), [e.cpu() for e in embs], losses, pred.calls, pred.grad_calls, layout
+            return _finish(result, pred, null_layout=layout, negative_cond=negative)
 
-        traj, embs, losses, calls, grad_calls, layout = src.run(run, {"negative": negative})
-        extras = {"model_calls": calls, "grad_calls": grad_calls, "null_embeddings": embs, "null_layout": layout,
-                  "null_text_losses": losses, "negative_cond": negative}
-        return _outputs(model, InversionResult(traj, src.grid, "null_text", guidance, extras), positive, negative)
+        return _outputs(model, src.run(run, {"negative": negative}), positive, negative)
 
 
 class DDPMInversion(io.ComfyNode):
@@ -348,13 +343,10 @@ class DDPMInversion(io.ComfyNode):
 
         def run(pred, z0):
             gen = torch.Generator().manual_seed(int(seed))
-            xs, maps = inv.ddpm_invert(pred, z0, src.grid, "positive", src.uncond, guidance, gen,
-                                       callback=src.progress)
-            return _cpu(xs), [m.detach().cpu() for m in maps], pred.calls  # the maps stay float64
+            result = inv.ddpm_invert(pred, z0, src.grid, "positive", src.uncond, guidance, gen, callback=src.progress)
+            return _finish(result, pred, seed=int(seed))  # the maps stay float64
 
-        traj, maps, calls = src.run(run)
-        extras = {"model_calls": calls, "noise_maps": maps, "seed": int(seed)}
-        return _outputs(model, InversionResult(traj, src.grid, "ddpm", guidance, extras), positive, negative)
+        return _outputs(model, src.run(run), positive, negative)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +421,7 @@ class SampleFromInversion(io.ComfyNode):
 
 #: DDIM inversion and the solvers of inv.SOLVERS that need only forward calls (RNRI and gradient
 #: descent need gradients through the GUIDER, which a SAMPLER cannot ask for)
-SAMPLER_METHODS = ["ddim", "anderson", "newton_krylov", "fixed_point"]
+SAMPLER_METHODS = ["ddim", *inv.FORWARD_SOLVERS]
 
 
 def _sampler_inversion(method: str, iterations: int, tolerance: float, krylov: int):
@@ -439,9 +431,7 @@ def _sampler_inversion(method: str, iterations: int, tolerance: float, krylov: i
     cfg = inv.SolverConfig(iterations=iterations, tol=tolerance, krylov=krylov)
 
     def invert(predictor, z0, grid, callback):
-        if method == "ddim":
-            return ddim.ddim_invert(predictor, z0, grid, None, callback=callback)
-        return inv.iterative_invert(predictor, z0, grid, None, method=method, cfg=cfg, callback=callback)[0]
+        return inv.invert(predictor, z0, grid, None, method=method, cfg=cfg, callback=callback).trajectory
 
     return invert
 

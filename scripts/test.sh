@@ -47,8 +47,15 @@ if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] && ! command -v chromium
   fi
 fi
 
+# the test files spread over worker processes (pytest-xdist, one file per worker at a time, the longest
+# first: tests/support/scheduling.py); COMFYUI_INVERSE_TEST_WORKERS=1 runs them in this one process
+cores=$(nproc 2>/dev/null || echo 2)
+workers=${COMFYUI_INVERSE_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+if [ "$workers" -gt 1 ]; then parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder); else parallel=(-p no:xdist); fi
+echo "[test] $workers worker process(es) on $cores core(s)"
+
 set +e
-"$COMFYUI_PYTHON" -m pytest -q -rs --durations=30 tests "$@"
+"$COMFYUI_PYTHON" -m pytest -q -rs --durations=30 "${parallel[@]}" tests "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -15,4 +15,4 @@ import support  # noqa: E402
 
 support.load_pack()
 
-pytest_plugins = ["support.ci_guard", "support.fixtures"]
+pytest_plugins = ["support.ci_guard", "support.fixtures", "support.scheduling"]

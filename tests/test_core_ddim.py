@@ -79,7 +79,7 @@ def test_inversion_loop_matches_diffusers_ddim_inverse(set_alpha_to_one, spacing
         z = sch.step(model(z, int(t), ["c"])[0], t, z).prev_sample
     init = float(sch.initial_alpha_cumprod)
     grid = schedule.TimestepGrid.from_schedule(ac, sch.timesteps.flip(0).tolist(), final_alpha_cumprod=init)
-    traj = ddim.ddim_invert(model, z0, grid, "c")
+    traj = ddim.ddim_invert(model, z0, grid, "c").trajectory
     assert len(traj) == steps + 1
     assert ddim.reconstruction_rmse(traj[-1], z) < 2e-5
 
@@ -121,7 +121,7 @@ def test_inversion_converges_to_exact_flow_as_steps_grow(spacing):
     errors = []
     for steps in (5, 20, 80):
         grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(steps, spacing=spacing))
-        zT = ddim.ddim_invert(model, z0, grid, "c")[-1]
+        zT = ddim.ddim_invert(model, z0, grid, "c").noise_latent
         exact = gaussian_flow(z0, 1.0, grid.alphas_cumprod[0], mean, 0.6)
         errors.append(ddim.reconstruction_rmse(zT, exact) / float(exact.std()))
     assert errors[0] > errors[1] > errors[2]
@@ -137,7 +137,7 @@ def test_invert_then_sample_reconstructs_within_discretisation_error(guidance, c
     errs = []
     for steps in (10, 50, 250):
         grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(steps, steps_offset=1))
-        traj = ddim.ddim_invert(model, z0, grid, "c", "u", guidance)
+        traj = ddim.ddim_invert(model, z0, grid, "c", "u", guidance).trajectory
         rec = ddim.ddim_sample(model, traj[-1], grid, "c", "u", guidance)[-1]
         errs.append(ddim.reconstruction_rmse(rec, z0) / float(z0.std()))
     assert errs[0] > errs[1] > errs[2], errs

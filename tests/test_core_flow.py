@@ -59,7 +59,7 @@ def test_euler_inversion_error_shrinks_at_first_order():
     errors = []
     for steps in (7, 14, 28, 56):
         grid = _grid(sig, steps)
-        rec = ddim.ddim_sample(pred, ddim.ddim_invert(pred, x0, grid, "c")[-1], grid, "c")[-1]
+        rec = ddim.ddim_sample(pred, ddim.ddim_invert(pred, x0, grid, "c").noise_latent, grid, "c")[-1]
         errors.append(ddim.reconstruction_rmse(rec, x0))
     ratios = [b / a for a, b in zip(errors, errors[1:])]
     assert all(0.35 < r < 0.65 for r in ratios), (errors, ratios)
@@ -72,11 +72,11 @@ def test_anderson_at_3_calls_per_step_is_100x_euler_inversion_at_28_steps(guidan
     pred, sig, mean, x0 = _problem()
     grid = _grid(sig, 28)
     uncond = "u" if guidance != 1.0 else None
-    euler = ddim.ddim_sample(pred, ddim.ddim_invert(pred, x0, grid, "c", uncond, guidance)[-1], grid, "c", uncond,
+    euler = ddim.ddim_sample(pred, ddim.ddim_invert(pred, x0, grid, "c", uncond, guidance).noise_latent, grid, "c", uncond,
                              guidance)[-1]
     before = pred.calls
-    traj, rep = inversion.iterative_invert(pred, x0, grid, "c", uncond, guidance, "anderson",
-                                           inversion.SolverConfig(iterations=2, tol=1e-7))
+    traj = inversion.iterative_invert(pred, x0, grid, "c", uncond, guidance, "anderson",
+                                      inversion.SolverConfig(iterations=2, tol=1e-7)).trajectory
     calls_per_step = (pred.calls - before) / 28
     rec = ddim.ddim_sample(pred, traj[-1], grid, "c", uncond, guidance)[-1]
     e_euler, e_anderson = ddim.reconstruction_rmse(euler, x0), ddim.reconstruction_rmse(rec, x0)
@@ -86,7 +86,8 @@ def test_anderson_at_3_calls_per_step_is_100x_euler_inversion_at_28_steps(guidan
 def test_noise_maps_reproduce_the_input_to_float_precision():
     pred, sig, mean, x0 = _problem()
     grid = _grid(sig, 20)
-    xs, maps = inversion.ddpm_invert(pred, x0, grid, "c", "u", 3.5, generator=torch.Generator().manual_seed(0))
+    res = inversion.ddpm_invert(pred, x0, grid, "c", "u", 3.5, generator=torch.Generator().manual_seed(0))
+    xs, maps = res.trajectory, res.extras["noise_maps"]
     rec = inversion.ddpm_sample(pred, xs[-1], grid, maps, "c", "u", 3.5)[-1]
     assert ddim.reconstruction_rmse(rec, x0) < 1e-6
 

@@ -22,9 +22,10 @@ def _grid(ac, steps):
 def test_iterative_baselines_solve_the_implicit_equation(method, steps):
     model, ac, z0 = mixture_reference(components=1)
     grid = _grid(ac, steps)
-    ddim_rec = ddim.ddim_sample(model, ddim.ddim_invert(model, z0, grid, "c")[-1], grid, "c")[-1]
-    traj, rep = inversion.iterative_invert(model, z0, grid, "c", method=method,
-                                           cfg=inversion.SolverConfig(iterations=30, tol=1e-4))
+    ddim_rec = ddim.ddim_sample(model, ddim.ddim_invert(model, z0, grid, "c").noise_latent, grid, "c")[-1]
+    res = inversion.iterative_invert(model, z0, grid, "c", method=method,
+                                     cfg=inversion.SolverConfig(iterations=30, tol=1e-4))
+    traj, rep = res.trajectory, res.report
     rec = ddim.ddim_sample(model, traj[-1], grid, "c")[-1]
     assert max(rep.residuals) < 1e-4 if method == "fixed_point" else sum(rep.residuals) / steps < 5e-3
     assert ddim.reconstruction_rmse(rec, z0) < 0.1 * ddim.reconstruction_rmse(ddim_rec, z0)
@@ -37,9 +38,9 @@ def test_iterative_baselines_solve_the_implicit_equation(method, steps):
 def test_fixed_point_with_one_iteration_is_ddim_inversion():
     model, ac, z0 = mixture_reference()
     grid = _grid(ac, 10)
-    ref = ddim.ddim_invert(model, z0, grid, "c", "u", 2.0)
-    ours, _ = inversion.iterative_invert(model, z0, grid, "c", "u", 2.0, "fixed_point",
-                                         inversion.SolverConfig(iterations=1, tol=0.0))
+    ref = ddim.ddim_invert(model, z0, grid, "c", "u", 2.0).trajectory
+    ours = inversion.iterative_invert(model, z0, grid, "c", "u", 2.0, "fixed_point",
+                                      inversion.SolverConfig(iterations=1, tol=0.0)).trajectory
     # one fixed-point update from z_s evaluates eps(z_s, t): eq. 4 exactly
     assert ddim.reconstruction_rmse(ours[1], ref[1]) < 1e-6
 
@@ -63,8 +64,8 @@ def test_rnri_objective_gradient_matches_finite_differences():
 def test_rnri_lowers_the_residual_of_every_step(method):
     model, ac, z0 = mixture_reference()
     grid = _grid(ac, 20)
-    _, rep = inversion.iterative_invert(model, z0, grid, "c", method=method,
-                                        cfg=inversion.SolverConfig(iterations=2))
+    rep = inversion.iterative_invert(model, z0, grid, "c", method=method,
+                                     cfg=inversion.SolverConfig(iterations=2)).report
     assert len(rep.residuals) == 20
     for hist in rep.history:
         assert hist[-1] < hist[0]
@@ -92,7 +93,7 @@ def test_inner_loops_stop_within_one_model_call_on_cancel():
         with pytest.raises(Cancelled):
             inversion.iterative_invert(p, z0, grid, "c", method=method, cfg=inversion.SolverConfig(iterations=10, tol=0))
         assert p.calls == 5
-    pivot = ddim.ddim_invert(model, z0[:1], grid, "c")
+    pivot = ddim.ddim_invert(model, z0[:1], grid, "c").trajectory
     p = Cancelling(7)
     u = model.priors["u"]
     with pytest.raises(Cancelled):
@@ -111,8 +112,8 @@ def test_no_step_returns_its_input(method, steps):
     when the iterations got worse, e.g. fixed point at 4 steps / guidance 7.5."""
     model, ac, z0 = mixture_reference()
     grid = _grid(ac, steps)
-    traj, _ = inversion.iterative_invert(model, z0, grid, "c", "u", 7.5, method,
-                                         inversion.SolverConfig(iterations=2, tol=1e-4))
+    traj = inversion.iterative_invert(model, z0, grid, "c", "u", 7.5, method,
+                                      inversion.SolverConfig(iterations=2, tol=1e-4)).trajectory
     for i in range(1, len(traj)):
         moved = (traj[i] - traj[i - 1]).flatten(1).norm(dim=1) / traj[i - 1].flatten(1).norm(dim=1)
         assert float(moved.min()) > 1e-3, f"step {i} returned its input ({method})"
@@ -125,9 +126,9 @@ def test_a_batch_of_two_equals_two_runs_of_one(method):
     z0 = torch.stack([z0[0], 3.0 * z0[1]])  # an unrelated, very different second image
     grid = _grid(ac, 10)
     cfg = inversion.SolverConfig(iterations=4, tol=2e-3)
-    both, _ = inversion.iterative_invert(model, z0, grid, "c", "u", 3.0, method, cfg)
+    both = inversion.iterative_invert(model, z0, grid, "c", "u", 3.0, method, cfg).trajectory
     for b in range(2):
-        alone, _ = inversion.iterative_invert(model, z0[b:b + 1], grid, "c", "u", 3.0, method, cfg)
+        alone = inversion.iterative_invert(model, z0[b:b + 1], grid, "c", "u", 3.0, method, cfg).trajectory
         for i in range(len(alone)):
             assert torch.allclose(both[i][b:b + 1], alone[i], rtol=1e-5, atol=1e-6), (method, b, i)
 
@@ -186,7 +187,7 @@ def test_rnri_jacobian_free_is_the_authors_inversion_step(n_iters):
     model, ac, z0 = mixture_reference()
     grid = _grid(ac, 10)
     ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
-    z_prev = ddim.ddim_invert(model, z0, grid, "c")[3]  # a latent at level ab[3]
+    z_prev = ddim.ddim_invert(model, z0, grid, "c").trajectory[3]  # a latent at level ab[3]
     a_s, a_t = ab[3], ab[4]
     step = inversion._Step(model, z_prev, ts[4], a_s, a_t, "c", None, 1.0)
     before = model.calls
@@ -207,11 +208,12 @@ def _solver_errors(steps, guidance, runs):
     u = "u" if guidance != 1.0 else None
     out = {}
     for name, method, k in runs:
-        traj, rep = inversion.iterative_invert(model, z0, grid, "c", u, guidance, method,
-                                               inversion.SolverConfig(tol=0.0, **k))
+        res = inversion.iterative_invert(model, z0, grid, "c", u, guidance, method,
+                                         inversion.SolverConfig(tol=0.0, **k))
+        traj, rep = res.trajectory, res.report
         rec = ddim.ddim_sample(model, traj[-1], grid, "c", u, guidance)[-1]
         out[name] = (ddim.reconstruction_rmse(rec, z0), sum(rep.residuals) / steps)
-    dd = ddim.ddim_invert(model, z0, grid, "c", u, guidance)[-1]
+    dd = ddim.ddim_invert(model, z0, grid, "c", u, guidance).noise_latent
     out["ddim"] = (ddim.reconstruction_rmse(ddim.ddim_sample(model, dd, grid, "c", u, guidance)[-1], z0), None)
     return out
 
@@ -254,12 +256,13 @@ def test_newton_krylov_jvp_autograd_matches_finite_differences():
 def test_ddpm_inversion_reconstructs_exactly(steps, guidance):
     model, ac, z0 = mixture_reference(components=1)
     grid = _grid(ac, steps)
-    xs, maps = inversion.ddpm_invert(model, z0, grid, "c", "u", guidance, torch.Generator().manual_seed(0))
+    res = inversion.ddpm_invert(model, z0, grid, "c", "u", guidance, torch.Generator().manual_seed(0))
+    xs, maps = res.trajectory, res.extras["noise_maps"]
     assert len(xs) == steps + 1 and len(maps) == steps
     rec = inversion.ddpm_sample(model, xs[-1], grid, maps, "c", "u", guidance)[-1]
     assert ddim.reconstruction_rmse(rec, z0) < 1e-5
     # the forward samples are independent draws at every level, not a DDIM path
-    assert ddim.reconstruction_rmse(xs[1], ddim.ddim_invert(model, z0, grid, "c")[1]) > 1e-2
+    assert ddim.reconstruction_rmse(xs[1], ddim.ddim_invert(model, z0, grid, "c").trajectory[1]) > 1e-2
 
 
 @pytest.mark.parametrize("steps", [50, 4])
@@ -269,10 +272,11 @@ def test_null_text_inversion_reconstructs_at_high_guidance(steps):
     grid = _grid(ac, steps)
     u = model.priors["u"]
     make = lambda m: MixturePrior(m[None], u.stds, u.weights)  # noqa: E731
-    pivot = ddim.ddim_invert(model, z0, grid, "c")
+    pivot = ddim.ddim_invert(model, z0, grid, "c").trajectory
     plain = ddim.ddim_sample(model, pivot[-1], grid, "c", "u", 7.5)[-1]
-    embs, losses = inversion.null_text_optimize(model, pivot, grid, "c", u.means[0].float(), make, 7.5,
-                                                inner_steps=200, lr=0.05)
+    res = inversion.null_text_optimize(model, pivot, grid, "c", u.means[0].float(), make, 7.5,
+                                       inner_steps=200, lr=0.05)
+    embs, losses = res.extras["null_embeddings"], res.extras["null_text_losses"]
     assert len(embs) == steps
     rec = ddim.ddim_sample(model, pivot[-1], grid, "c", [make(e) for e in embs], 7.5)[-1]
     assert ddim.reconstruction_rmse(rec, z0) < 0.05 * ddim.reconstruction_rmse(plain, z0)
@@ -284,10 +288,11 @@ def test_sample_from_inversion_dispatches_by_method():
 
     model, ac, z0 = mixture_reference(components=1)
     grid = _grid(ac, 8)
-    xs, maps = inversion.ddpm_invert(model, z0, grid, "c", generator=torch.Generator().manual_seed(1))
+    res = inversion.ddpm_invert(model, z0, grid, "c", generator=torch.Generator().manual_seed(1))
+    xs, maps = res.trajectory, res.extras["noise_maps"]
     res = InversionResult(xs, grid, method="ddpm", extras={"noise_maps": maps})
     assert ddim.reconstruction_rmse(inversion.sample_from_inversion(model, res, "c")[-1], z0) < 1e-5
-    traj = ddim.ddim_invert(model, z0, grid, "c")
+    traj = ddim.ddim_invert(model, z0, grid, "c").trajectory
     res = InversionResult(traj, grid, method="ddim")
     ref = ddim.ddim_sample(model, traj[-1], grid, "c")[-1]
     assert torch.equal(inversion.sample_from_inversion(model, res, "c")[-1], ref)
@@ -299,7 +304,7 @@ def test_prompt_aware_adjustment_is_the_short_noise_denoise_fixed_point():
     model, ac, z0 = mixture_reference()
     grid = _grid(ac, 50)
     sub = schedule.TimestepGrid(grid.timesteps[-3:], grid.alphas_cumprod[-3:])
-    h = lambda z: ddim.ddim_sample(model, ddim.ddim_invert(model, z, sub, "c", "u", 3.0)[-1], sub, "c", "u", 3.0)[-1]  # noqa: E731
+    h = lambda z: ddim.ddim_sample(model, ddim.ddim_invert(model, z, sub, "c", "u", 3.0).noise_latent, sub, "c", "u", 3.0)[-1]  # noqa: E731
     assert torch.equal(inversion.prompt_aware_adjust(model, z0, grid, "c", "u", 3.0, rounds=0), z0)
     one = inversion.prompt_aware_adjust(model, z0, grid, "c", "u", 3.0, rounds=1)
     two = inversion.prompt_aware_adjust(model, z0, grid, "c", "u", 3.0, rounds=2)

@@ -180,11 +180,11 @@ def test_null_text_follows_the_authors_schedule(epsilon):
     iteration, and a constant rate). epsilon 2e-3 makes the early stop fire on this model."""
     model, ac, z0 = mixture_reference()
     grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(10, spacing="trailing"))
-    pivot = ddim.ddim_invert(model, z0, grid, "c")
+    pivot = ddim.ddim_invert(model, z0, grid, "c").trajectory
     null = torch.zeros(z0.shape[1:], dtype=torch.float32)
     make = lambda m: MixturePrior(m[None].double(), torch.tensor([1.0], dtype=torch.float64),  # noqa: E731
                                   torch.ones(1, dtype=torch.float64))
-    embs, losses = inversion.null_text_optimize(model, pivot, grid, "c", null, make, 7.5, 10, 0.05, epsilon)
+    embs = inversion.null_text_optimize(model, pivot, grid, "c", null, make, 7.5, 10, 0.05, epsilon).extras["null_embeddings"]
     theirs = _authors_null_optimization(model, pivot, grid, null, make, 7.5, 10, epsilon, 0.05)
     for a, b in zip(embs, theirs):
         assert torch.allclose(a, b, atol=1e-6), float((a - b).abs().max())
@@ -199,8 +199,8 @@ def test_null_text_leaves_no_gradient_on_the_model():
     ac = schedule.scaled_linear_alphas_cumprod()
     grid = schedule.TimestepGrid.from_schedule(ac, schedule.timestep_spacing(4, spacing="trailing"))
     with torch.no_grad():
-        pivot = ddim.ddim_invert(model, z0, grid, "c")
-    embs, losses = inversion.null_text_optimize(model, pivot, grid, "c", torch.zeros(32), lambda e: e, 7.5, 3)
+        pivot = ddim.ddim_invert(model, z0, grid, "c").trajectory
+    embs = inversion.null_text_optimize(model, pivot, grid, "c", torch.zeros(32), lambda e: e, 7.5, 3).extras["null_embeddings"]
     assert any(float((e - torch.zeros(32)).abs().max()) > 0 for e in embs)  # it did optimise
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

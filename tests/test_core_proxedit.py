@@ -74,7 +74,7 @@ def _setup(steps=20):
 @pytest.mark.parametrize("prox", ["hard", "soft"])
 def test_threshold_at_maximum_reproduces_the_npi_reconstruction_exactly(prox):
     model, grid, z0 = _setup()
-    traj = ddim.ddim_invert(model, z0, grid, "c")
+    traj = ddim.ddim_invert(model, z0, grid, "c").trajectory
     res = InversionResult(traj, grid, "npi", 1.0)
     rec = ddim.ddim_sample(model, traj[-1], grid, "c")[-1]
     cfg = proxedit.ProxConfig(guidance=7.5, prox=prox, quantile=1.0)
@@ -87,7 +87,8 @@ def test_threshold_at_maximum_reproduces_the_npi_reconstruction_exactly(prox):
 
 def test_threshold_at_maximum_over_ddpm_inversion_reconstructs_the_input():
     model, grid, z0 = _setup()
-    xs, maps = inversion.ddpm_invert(model, z0, grid, "c", generator=torch.Generator().manual_seed(0))
+    res = inversion.ddpm_invert(model, z0, grid, "c", generator=torch.Generator().manual_seed(0))
+    xs, maps = res.trajectory, res.extras["noise_maps"]
     res = InversionResult(xs, grid, "ddpm", 1.0, {"noise_maps": maps})
     edit = proxedit.prox_edit(model, res, "c", "t", proxedit.ProxConfig(quantile=1.0))[-1]
     assert ddim.reconstruction_rmse(edit, z0) < 1e-5
@@ -95,7 +96,7 @@ def test_threshold_at_maximum_over_ddpm_inversion_reconstructs_the_input():
 
 def test_share_of_changed_latent_grows_as_the_quantile_falls():
     model, grid, z0 = _setup()
-    traj = ddim.ddim_invert(model, z0, grid, "c")
+    traj = ddim.ddim_invert(model, z0, grid, "c").trajectory
     res = InversionResult(traj, grid, "npi", 1.0)
     rec = ddim.ddim_sample(model, traj[-1], grid, "c")[-1]
     shares = []
@@ -107,7 +108,7 @@ def test_share_of_changed_latent_grows_as_the_quantile_falls():
 
 def test_inversion_guidance_pulls_the_unedited_region_to_the_trajectory():
     model, grid, z0 = _setup()
-    traj = ddim.ddim_invert(model, z0, grid, "c")
+    traj = ddim.ddim_invert(model, z0, grid, "c").trajectory
     res = InversionResult(traj, grid, "ddim", 1.0)
     base = proxedit.ProxConfig(guidance=7.5, quantile=0.8, rec_abar=0.0)  # every step
     free = proxedit.prox_edit(model, res, "u", "t", base)[-1]
@@ -119,7 +120,7 @@ def test_inversion_guidance_pulls_the_unedited_region_to_the_trajectory():
 
 def test_one_predictor_call_per_step():
     model, grid, z0 = _setup(10)
-    traj = ddim.ddim_invert(model, z0, grid, "c")
+    traj = ddim.ddim_invert(model, z0, grid, "c").trajectory
     model.calls = model.evaluations = 0
     proxedit.prox_edit(model, InversionResult(traj, grid, "npi", 1.0), "c", "t", proxedit.ProxConfig())
     assert (model.calls, model.evaluations) == (10, 20)
@@ -167,7 +168,7 @@ def _guided_steps(family: str, steps: int, cfg: proxedit.ProxConfig) -> list[int
     priors["t"] = priors["u"]
     model = GaussianMixtureDenoiser(priors, table)
     z0 = priors["c"].means[0][None].float() + 0.5 * torch.randn(shape, generator=g)
-    res = InversionResult(ddim.ddim_invert(model, z0, grid, "c"), grid, "ddim", 1.0)
+    res = InversionResult(ddim.ddim_invert(model, z0, grid, "c").trajectory, grid, "ddim", 1.0)
     keep = res.trajectory[::-1]
     cfg = proxedit.ProxConfig(**{**cfg.__dict__, "quantile": 1.0, "inversion_guidance": 1.0})
     traj = proxedit.prox_edit(model, res, "u", "t", cfg)

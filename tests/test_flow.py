@@ -611,7 +611,7 @@ def test_every_inversion_and_edit_node_runs_on_both_flow_models(pack, glue, fami
             assert torch.isfinite(rec).all(), method
             errs[method] = _rel(rec, x["samples"])
             if method != "rnri_jacobian_free":  # the authors' selection, by their score (see core)
-                steps = list(zip(res.extras["residuals"], res.extras["history"]))
+                steps = list(zip(res.report.residuals, res.report.history))
                 assert all(r <= h[0] * (1 + 1e-6) for r, h in steps), (method, steps)  # never above DDIM's
         npi = n.NegativePromptInversion.execute(model, pos, 6, "auto", latent=x).args[0]
         errs["npi"] = _rel(n.SampleFromInversion.execute(model, pos, npi, 1.0, 0).args[0]["samples"], x["samples"])

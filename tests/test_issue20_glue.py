@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from support import comfy_host
-from support.core_oracles import rnri_objective
-from support.integration import _guider_sample, _lat, _nodes, _rel
+from support.integration import _guider_sample, _lat, _nodes, _rel, rnri_gradient, rnri_probe
 
 comfy_host.skip_module_without_host()
 
@@ -61,19 +60,11 @@ class _CloneAll:
 def _rnri_gradient(pack, glue, model, pos, tar):
     """One RNRI objective gradient through the tiny Flux (test_flow's finite-difference check):
     (gradient, bytes copied, copies, gradient calls)."""
-    inv = importlib.import_module(pack.__name__ + ".core.inversion")
-    grid = glue.make_grid(model, 10)
-    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
-    g = torch.Generator().manual_seed(8)
-    z_s = torch.randn(1, 16, 8, 8, generator=g) * 0.5
-    z = z_s + 0.5 * torch.randn(1, 16, 8, 8, generator=g)
+    make_step, z, _ = rnri_probe(pack, glue, model, 16, 2.0)
 
     def run(pred):
-        step = inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", 2.0)
         with pred.autograd():
-            zz = z.clone().requires_grad_(True)
-            F, _ = rnri_objective(step, zz, 0.1)
-            (grad,) = torch.autograd.grad(F, zz)
+            grad = rnri_gradient(make_step(pred), z)
         return grad, pred.saved_copy_bytes, pred.saved_copies, pred.grad_calls
 
     with torch.inference_mode():
@@ -363,7 +354,7 @@ def test_newton_krylov_on_a_half_precision_flux_steps_by_its_precision(pack, glu
     def residual(p, rel=None):
         if rel is not None:
             monkeypatch.setattr(inv, "fd_step", lambda dt: rel)
-        traj, rep = inv.iterative_invert(p, p.process_latent_in(x), grid, "c", method="newton_krylov", cfg=cfg)
+        rep = inv.iterative_invert(p, p.process_latent_in(x), grid, "c", method="newton_krylov", cfg=cfg).report
         monkeypatch.undo()
         return sum(rep.residuals) / len(rep.residuals)
 

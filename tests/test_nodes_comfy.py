@@ -129,7 +129,7 @@ def test_reconstruction_error_shrinks_with_steps(glue, core, loaded):
             grid = glue.make_grid(model, steps)
 
             def run(pred):
-                traj = core.ddim_invert(pred, z, grid, "positive")
+                traj = core.ddim_invert(pred, z, grid, "positive").trajectory
                 return core.ddim_sample(pred, traj[-1], grid, "positive")[-1]
 
             rec = glue.run_with_predictor(model, {"positive": pos}, z.shape, run)
@@ -151,7 +151,7 @@ def test_lcm_model_inverts_on_the_lcm_grid(pack, glue, core, loaded):
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 0.5
 
         def run(pred):
-            traj = core.ddim_invert(pred, z, grid, "positive")
+            traj = core.ddim_invert(pred, z, grid, "positive").trajectory
             rec = core.ddim_sample(pred, traj[-1], grid, "positive")[-1]
             diffs = []
             for t in grid.timesteps[:-1]:

@@ -11,7 +11,7 @@ import torch
 from support import comfy_host
 from support.core_oracles import rnri_objective
 from support.integration import (UNetCounter, _encode, _interrupt_after, _invert_and_sample, _latents, _nodes,
-                                 _rel, _tap, check_ddpm_inversion_reconstructs_exactly)
+                                 _rel, _tap, check_ddpm_inversion_reconstructs_exactly, rnri_gradient, rnri_probe)
 
 comfy_host.skip_module_without_host()
 
@@ -232,12 +232,12 @@ def test_exact_inversions_lower_the_residual_through_comfyui(pack, loaded, metho
     z0, res, rec, report = _invert_and_sample(pack, loaded, "ExactInversion", 1.0, steps=10, guidance=1.0,
                                               spacing="auto", method=method, iterations=iters, tolerance=1e-5,
                                               lambda_prior=0.1, adjust_rounds=0)
-    hist = res.extras["history"]
-    assert len(res.extras["residuals"]) == 10 and "residual" in report
+    hist = res.report.history
+    assert len(res.report.residuals) == 10 and "residual" in report
     # steps end below where they started (z^0 = z_s, whose residual is DDIM's step size) and the
     # reported residual is that of the returned latent, the best iterate of each step
-    assert sum(res.extras["residuals"]) < 0.8 * sum(h[0] for h in hist)
-    assert all(r == min(h) for r, h in zip(res.extras["residuals"], hist))
+    assert sum(res.report.residuals) < 0.8 * sum(h[0] for h in hist)
+    assert all(r == min(h) for r, h in zip(res.report.residuals, hist))
     if method == "rnri":
         assert res.extras["grad_calls"] > 0
     if method == "fixed_point":
@@ -269,21 +269,14 @@ def test_mismatched_conditioning_batch_is_a_clear_error(pack, loaded):
 
 
 def test_rnri_objective_gradient_through_comfyui_matches_finite_differences(pack, glue, loaded):
-    inv = importlib.import_module(pack.__name__ + ".core.inversion")
     model, clip, vae, pos, neg = loaded
-    grid = glue.make_grid(model, 10)
-    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
-    g = torch.Generator().manual_seed(8)
-    z_s = torch.randn(1, 4, 8, 8, generator=g) * 0.5
-    z = z_s + 0.5 * torch.randn(1, 4, 8, 8, generator=g)  # far from the root: |r| is smooth at the FD scale
+    make_step, z, g = rnri_probe(pack, glue, model, 4, 3.0)
     d = torch.randn(1, 4, 8, 8, generator=g)
 
     def run(pred):
-        step = inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", 3.0)
+        step = make_step(pred)
         with pred.autograd():
-            zz = z.clone().requires_grad_(True)
-            F, _ = rnri_objective(step, zz, 0.1)
-            (grad,) = torch.autograd.grad(F, zz)
+            grad = rnri_gradient(step, z)
             with torch.no_grad():
                 h = 1e-3
                 fd = (rnri_objective(step, z + h * d, 0.1)[0] - rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)

@@ -3,8 +3,6 @@ hand each attention call to a core/ controller (prompt-to-prompt, MasaCtrl)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention

@@ -136,7 +136,7 @@ class SavedTensorGuard:
         if entry.version is not None and _version(entry.tensor) != entry.version:
             raise RuntimeError(
                 "a tensor saved for the backward pass was modified in place by an operation the glue's "
-                "SavedTensorGuard did not see (nodes/comfy_glue.py); the gradient would be wrong.")
+                "SavedTensorGuard did not see (nodes/comfy/autograd.py); the gradient would be wrong.")
         return entry.tensor
 
     def before_write(self, t: Tensor) -> None:

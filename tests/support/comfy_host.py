@@ -8,6 +8,8 @@ under COMFYUI_INVERSE_REQUIRE_HOST=1 (.ci/run) a missing host, or any skipped te
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import os
 import sys
@@ -67,13 +69,27 @@ def boot_script() -> Path:
     return ROOT / "scripts" / "comfy_boot.py"
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """An exclusive lock on a file of the cache folder, so that test processes running at once
+    (pytest-xdist workers, a bench beside the tests) build each cached artefact once, whole."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def tiny_checkpoint() -> Path:
     """The random-weight SD1.5-format checkpoint, generated once and cached."""
     path = CACHE_DIR / "checkpoints" / TINY_CKPT_NAME
-    if not path.is_file():
-        import make_tiny_checkpoint
+    with cache_lock(TINY_CKPT_NAME):
+        if not path.is_file():
+            import make_tiny_checkpoint
 
-        make_tiny_checkpoint.main([str(path), "--comfyui", str(COMFYUI_PATH)])
+            make_tiny_checkpoint.main([str(path), "--comfyui", str(COMFYUI_PATH)])
     return path
 
 
@@ -83,7 +99,8 @@ def testbed_checkpoint() -> Path:
     import testbed
 
     make_tiny_checkpoint._import_comfy(str(COMFYUI_PATH))
-    return testbed.assemble(CACHE_DIR / "checkpoints" / testbed.CKPT_NAME)
+    with cache_lock(testbed.CKPT_NAME):
+        return testbed.assemble(CACHE_DIR / "checkpoints" / testbed.CKPT_NAME)
 
 
 def load_testbed() -> dict:
@@ -116,12 +133,13 @@ def pack_link_dir() -> Path:
     each other's link while a process loads the pack through it."""
     tag = hashlib.sha1(str(ROOT).encode()).hexdigest()[:10]
     d = Path(tempfile.gettempdir()) / f"comfyui-inverse-nodes-{os.getuid()}-{tag}"
-    d.mkdir(exist_ok=True)
-    link = d / PACK_DIR_NAME
-    if link.is_symlink() and link.resolve() != ROOT:
-        link.unlink()
-    if not link.exists():
-        link.symlink_to(ROOT, target_is_directory=True)
+    with cache_lock(f"nodes-{tag}"):
+        d.mkdir(exist_ok=True)
+        link = d / PACK_DIR_NAME
+        if link.is_symlink() and link.resolve() != ROOT:
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
     return d
 
 

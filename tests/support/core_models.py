@@ -45,7 +45,7 @@ def toy_inversion(steps=10, seed=0):
     acp = schedule.scaled_linear_alphas_cumprod()
     grid = schedule.TimestepGrid.from_schedule(acp, schedule.timestep_spacing(steps, steps_offset=1))
     z0 = torch.randn(2, 4, 8, 8, generator=g) * 0.5
-    traj = ddim.ddim_invert(model, z0, grid, "src")
+    traj = ddim.ddim_invert(model, z0, grid, "src").trajectory
     return model, InversionResult(traj, grid, "npi", 1.0), z0
 
 

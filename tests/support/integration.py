@@ -16,6 +16,31 @@ import torch
 
 
 # --------------------------------------------------------------------------------------------
+# an RNRI objective gradient through the glue
+
+def rnri_probe(pack, glue, model, channels: int, guidance: float):
+    """One RNRI step of a 10-step grid (level 3 to 4, prompts "c" and "u") through the glue, and a
+    point z far from its root (|r| is smooth at a finite-difference scale): (make_step(pred), z,
+    the generator, for more draws)."""
+    inv = importlib.import_module(pack.__name__ + ".core.inversion")
+    grid = glue.make_grid(model, 10)
+    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+    g = torch.Generator().manual_seed(8)
+    z_s = torch.randn(1, channels, 8, 8, generator=g) * 0.5
+    z = z_s + 0.5 * torch.randn(1, channels, 8, 8, generator=g)
+    return (lambda pred: inv._Step(pred, z_s, ts[4], ab[3], ab[4], "c", "u", guidance)), z, g
+
+
+def rnri_gradient(step, z: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    """d/dz of RNRI's objective (eq. 7) at z, by autograd (inside the predictor's autograd context)."""
+    from .core_oracles import rnri_objective
+
+    zz = z.clone().requires_grad_(True)
+    F, _ = rnri_objective(step, zz, lam)
+    return torch.autograd.grad(F, zz)[0]
+
+
+# --------------------------------------------------------------------------------------------
 # counting and cancelling model calls
 
 class UNetCounter:
