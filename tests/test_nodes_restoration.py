@@ -120,21 +120,23 @@ def test_restore_p2l_tunes_the_prompt_and_decoder_memory_modes_agree(pack, loade
     assert _rel(imgs["tiled"], imgs["full"]) < 1e-5   # the 8x8 latent fits in one 16-pixel tile
 
 
-def test_restore_decoder_defaults_decode_512px_in_bounded_tiles_and_output_whole(pack, glue, loaded):
-    """The Restore node's defaults (tiled, tile_size 40) at 512 px: every decoder call of a gradient
-    sees a tile of at most 40 latent pixels a side (2 x 2 tiles of 35, each run forward and again
-    in the backward pass), the gradient is finite, and the output image is ComfyUI's whole decode."""
+def test_restore_decoder_defaults_decode_large_images_in_bounded_tiles_and_output_whole(pack, glue, loaded):
+    """The Restore node's defaults (tiled, tile_size 40) above 320 px, at 336 px (42 latent pixels, the
+    smallest size the default splits in 2 x 2 tiles; a 512 px image splits the same way in tiles of
+    35): every decoder call of a gradient sees a tile of at most 40 latent pixels a side (2 x 2 tiles
+    of 24, each run forward and again in the backward pass), the gradient is finite, and the output
+    image is ComfyUI's whole decode."""
     model, clip, vae = loaded[:3]
     with torch.inference_mode():
         codec = glue.LatentCodec(vae, model)
         seen, decode_raw = [], codec._decode_raw
         codec._decode_raw = lambda raw: seen.append(tuple(raw.shape[-2:])) or decode_raw(raw)
-        z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(3))
+        z = torch.randn(1, 4, 42, 42, generator=torch.Generator().manual_seed(3))
         with codec.autograd():
             zz = z.clone().requires_grad_(True)
             x = codec.decode(zz)
             (g,) = torch.autograd.grad(x.pow(2).mean(), zz)
-        assert x.shape == (1, 3, 512, 512) and seen == [(35, 35)] * 8, seen
+        assert x.shape == (1, 3, 336, 336) and seen == [(24, 24)] * 8, seen
         assert torch.isfinite(g).all() and float(g.abs().max()) > 0
         out = codec.decode_output(z)
         ref = vae.decode(model.get_model_object("latent_format").process_out(z))

@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import os
 
-#: test files by measured whole-file time, longest first (the seconds of one run with --junitxml, 2 cores)
+#: test files by measured whole-file time, longest first (seconds of one 2-worker run, 1 thread each)
 LONGEST_FIRST = (
-    "test_testbed.py",                 # 542 s
-    "test_frontend.py",                # 499 s
-    "test_flow.py",                    # 467 s
-    "test_workflows.py",               # 449 s
-    "test_nodes_decoder_inversion.py", # 342 s
-    "test_fresh_machine.py",           # 325 s
-    "test_sdxl.py",                    # 299 s
-    "test_nodes_restoration.py",       # 255 s
-    "test_nodes_comfy.py",             # 249 s
-    "test_core_decoder_inversion.py",  # 121 s
-    "test_nodes_inversion.py",         # 110 s
-    "test_nodes_editing.py",           # 105 s
-    "test_issue20_restoration.py",     # 94 s
+    "test_testbed.py",                 # 982 s
+    "test_workflows.py",               # 742 s (before its in-process runs went from 6 to 3 steps)
+    "test_nodes_restoration.py",       # 493 s (before the tiled-decode check went from 512 to 336 px)
+    "test_sdxl.py",                    # 394 s
+    "test_frontend.py",                # 336 s
+    "test_nodes_decoder_inversion.py", # 265 s
+    "test_fresh_machine.py",           # 214 s
+    "test_flow.py",                    # 168 s
+    "test_nodes_editing.py",           # 154 s
+    "test_nodes_inversion.py",         # 145 s
+    "test_core_decoder_inversion.py",  # 120 s
+    "test_nodes_comfy.py",             # 64 s
+    "test_headless_batch.py",          # 51 s
 )
 
 
