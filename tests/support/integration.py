@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .core_oracles import rnri_objective
+
 
 # --------------------------------------------------------------------------------------------
 # an RNRI objective gradient through the glue
@@ -33,8 +35,6 @@ def rnri_probe(pack, glue, model, channels: int, guidance: float):
 
 def rnri_gradient(step, z: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
     """d/dz of RNRI's objective (eq. 7) at z, by autograd (inside the predictor's autograd context)."""
-    from .core_oracles import rnri_objective
-
     zz = z.clone().requires_grad_(True)
     F, _ = rnri_objective(step, zz, lam)
     return torch.autograd.grad(F, zz)[0]

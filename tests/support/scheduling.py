@@ -16,19 +16,19 @@ import os
 
 #: test files by measured whole-file time, longest first (seconds of one 2-worker run, 1 thread each)
 LONGEST_FIRST = (
-    "test_testbed.py",                 # 982 s
-    "test_workflows.py",               # 742 s (before its in-process runs went from 6 to 3 steps)
-    "test_nodes_restoration.py",       # 493 s (before the tiled-decode check went from 512 to 336 px)
-    "test_sdxl.py",                    # 394 s
-    "test_frontend.py",                # 336 s
-    "test_nodes_decoder_inversion.py", # 265 s
-    "test_fresh_machine.py",           # 214 s
-    "test_flow.py",                    # 168 s
-    "test_nodes_editing.py",           # 154 s
-    "test_nodes_inversion.py",         # 145 s
-    "test_core_decoder_inversion.py",  # 120 s
-    "test_nodes_comfy.py",             # 64 s
-    "test_headless_batch.py",          # 51 s
+    "test_testbed.py",                 # 950 s
+    "test_workflows.py",               # 454 s
+    "test_nodes_restoration.py",       # 398 s
+    "test_frontend.py",                # 390 s
+    "test_sdxl.py",                    # 352 s
+    "test_nodes_decoder_inversion.py", # 269 s
+    "test_fresh_machine.py",           # 223 s
+    "test_flow.py",                    # 181 s
+    "test_nodes_inversion.py",         # 181 s
+    "test_nodes_editing.py",           # 157 s
+    "test_core_decoder_inversion.py",  # 122 s
+    "test_nodes_comfy.py",             # 70 s
+    "test_headless_batch.py",          # 56 s
 )
 
 
