@@ -16,17 +16,20 @@ comfy_host.skip_module_without_host()
 @pytest.mark.parametrize("method,step,precision", [
     ("gradient_free_adam", 0.05, "auto"), ("gradient_free_fixed_point", 0.2, "auto"),
     ("gradient_free_momentum", 0.1, "auto"), ("gradient_based", 0.01, "auto"),
-    ("gradient_free_fixed_point", 0.2, "bf16")])
+    ("gradient_free_fixed_point", 0.1, "bf16")])
 def test_decoder_inversion_node_with_a_comfyui_vae(pack, loaded, method, step, precision):
     n = importlib.import_module(pack.__name__ + ".nodes.decoder_inversion")
     vae = loaded[2]
-    img = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(12))
+    # bf16 convolutions have no fast CPU kernel (7 s per decode + encode here): one image, 4 iterations
+    # (the residual 0.619 -> 0.559); float32 on a batch of two, 12 iterations
+    batch, iterations = (1, 4) if precision == "bf16" else (2, 12)
+    img = torch.rand(batch, 64, 64, 3, generator=torch.Generator().manual_seed(12))
     params = list(vae.first_stage_model.parameters())
     before = (params[0].dtype, params[0].detach().clone())
     with torch.inference_mode():
-        lat, plot, record = n.DecoderInversion.execute(img, vae, method, 12, step, 0.3, precision).args
+        lat, plot, record = n.DecoderInversion.execute(img, vae, method, iterations, step, 0.3, precision).args
     rec = json.loads(record)
-    assert lat["samples"].shape == (2, 4, 8, 8) and lat["samples"].dtype == torch.float32
+    assert lat["samples"].shape == (batch, 4, 8, 8) and lat["samples"].dtype == torch.float32
     assert plot.shape == (1, 360, 640, 3) and float(plot.min()) < 0.5  # something was drawn
     # each method lowers what it drives (the random-weight VAE has no meaningful image quality;
     # the PSNR gains are measured on the trained TAEF2 in test_core_decoder_inversion.py)

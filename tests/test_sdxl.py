@@ -16,7 +16,7 @@ import pytest
 import torch
 import ui_workflows
 
-from support import comfy_host
+from support import comfy_host, workflow_runs
 
 comfy_host.skip_module_without_host()
 
@@ -97,15 +97,10 @@ def test_masactrl_default_layer_comes_from_the_model(pack, glue, sdxl):
 
 
 SD_WORKFLOWS = [m[0] for m in ui_workflows.MANIFEST if comfy_host.workflow_family(m[0]) == "sd"]
-# Every node and every model-dependent code path of the SD workflows, once on SDXL: the DDIM SAMPLER, an
-# autograd solver (RNRI), null-text (a tuned embedding with SDXL's pooled vector), DDPM noise maps, NPI +
-# prompt-to-prompt + MasaCtrl + ProxEdit, the ProxEdit GUIDER, ProxEdit over DDPM, decoder inversion with
-# the fixed point, and the four restoration methods. The other SD workflows differ from these only in
-# widget values whose maths is model-agnostic (operators, forward-only solvers); they run on SD1.5 in
-# test_workflows.py and through the frontend's conversion in test_frontend.py.
-SDXL_WORKFLOWS = ["invert_and_reconstruct", "rnri_invert_and_reconstruct", "reconstruct_null_text", "reconstruct_ddpm",
-                  "texture_then_pose", "proxedit_guider", "proxedit_ddpm", "decoder_inversion_then_inversion",
-                  "restore_compare_methods"]
+# Every node and every model-dependent code path of the SD workflows, once on SDXL (support/workflow_runs.py
+# says which). The other SD workflows differ from these only in widget values whose maths is model-agnostic
+# (operators, forward-only solvers); they run on SD1.5 in test_workflows.py or through the frontend.
+SDXL_WORKFLOWS = workflow_runs.SDXL
 
 
 def test_the_sdxl_workflows_cover_every_node_and_method_of_the_sd_workflows():
@@ -130,8 +125,8 @@ def test_example_workflow_runs_on_sdxl(pack, sdxl, stem):
     executor, server, outputs = comfy_host.run_prompt(prompt)
     events = [e for e, _ in executor.status_messages]
     assert "execution_success" in events, [d for e, d in executor.status_messages if e == "execution_error"]
-    images = [i for out in outputs.values() for i in out.get("images", [])]
-    assert images
+    saves = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    assert saves and all(k in outputs and outputs[k]["images"] for k in saves)
     for node_id, out in outputs.items():  # reports (PreviewAny) name no NaN
         for text in out.get("text", []) or []:
             assert "nan" not in json.dumps(text).lower(), (node_id, text)

@@ -1,5 +1,6 @@
 """The example workflows (workflows/api/*.json and their UI twins, workflows/*.json) on the real ComfyUI
-with the tiny SD1.5: every one runs in-process, keeps its seeds fixed, and is the twin of its API
+with the tiny SD1.5: each one runs once in the suite (in-process here, unless it runs on SDXL or
+through the frontend: support/workflow_runs.py), keeps its seeds fixed, and is the twin of its API
 workflow; through the HTTP server, the headless runner (scripts/run_workflow.py) runs them, reports
 failures clearly and starts ComfyUI itself, and the UI workflows are served as templates."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from support import comfy_host
+from support import comfy_host, workflow_runs
 
 comfy_host.skip_module_without_host()
 
@@ -46,9 +47,14 @@ def test_ui_workflows_keep_their_seeds_fixed(pack):
                     j += 1
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_example_api_workflow_runs_in_process(path):
-    prompt = comfy_host.api_workflow(path.stem, size=64, steps=3)  # as the frontend queues them
+def test_every_example_workflow_runs_somewhere():
+    runs = set(workflow_runs.IN_PROCESS) | set(workflow_runs.SDXL) | set(workflow_runs.FRONTEND)
+    assert sorted(runs) == sorted(p.stem for p in WORKFLOWS)
+
+
+@pytest.mark.parametrize("stem", workflow_runs.IN_PROCESS)
+def test_example_api_workflow_runs_in_process(stem):
+    prompt = comfy_host.api_workflow(stem, size=64, steps=3)  # as the frontend queues them
     executor, server, outputs = comfy_host.run_prompt(prompt)
     errors = [d for e, d in executor.status_messages if e == "execution_error"]
     assert executor.success, errors
