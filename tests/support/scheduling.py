@@ -16,19 +16,19 @@ import os
 
 #: test files by measured whole-file time, longest first (seconds of one 2-worker run, 1 thread each)
 LONGEST_FIRST = (
-    "test_testbed.py",                 # 690 s
-    "test_nodes_restoration.py",       # 398 s
-    "test_sdxl.py",                    # 352 s
-    "test_workflows.py",               # 300 s
-    "test_frontend.py",                # 280 s
-    "test_fresh_machine.py",           # 223 s
-    "test_flow.py",                    # 181 s
-    "test_nodes_inversion.py",         # 181 s
-    "test_nodes_editing.py",           # 157 s
-    "test_nodes_decoder_inversion.py", # 140 s
-    "test_core_decoder_inversion.py",  # 122 s
-    "test_nodes_comfy.py",             # 70 s
-    "test_headless_batch.py",          # 56 s
+    "test_testbed.py",                 # 645 s
+    "test_workflows.py",               # 380 s
+    "test_sdxl.py",                    # 344 s
+    "test_nodes_restoration.py",       # 328 s
+    "test_frontend.py",                # 279 s
+    "test_fresh_machine.py",           # 230 s
+    "test_flow.py",                    # 158 s
+    "test_nodes_inversion.py",         # 149 s
+    "test_nodes_editing.py",           # 145 s
+    "test_nodes_decoder_inversion.py", # 141 s
+    "test_core_decoder_inversion.py",  # 118 s
+    "test_nodes_comfy.py",             # 73 s
+    "test_headless_batch.py",          # 57 s
 )
 
 
