@@ -153,18 +153,34 @@ class SavedTensorGuard:
             self.copied_bytes += entry.copy.numel() * entry.copy.element_size()
 
 
+def ordinary_copy(t: Tensor) -> Tensor:
+    """A copy of ``t`` outside inference mode, of ``t``'s own tensor subclass with its attributes.
+
+    The copy is made on the plain-tensor view: a subclass may return itself from ``clone()`` (ComfyUI-GGUF's
+    GGMLTensor does, for its quantized bytes), which would leave the inference tensor in place. Its
+    attributes (a GGMLTensor's tensor_type, tensor_shape and LoRA patches) are carried over, so the
+    subclass dequantizes and patches the copy as it did the original."""
+    with torch.inference_mode(False):
+        copy = t.as_subclass(Tensor).clone()
+    if type(t) not in (Tensor, torch.nn.Parameter):  # (a subclass's parameter keeps its own type)
+        copy = copy.as_subclass(type(t))
+        copy.__dict__.update(t.__dict__)
+    return copy
+
+
 def make_autograd_safe(module: torch.nn.Module) -> int:
     """Replace inference-tensor parameters and buffers of ``module`` in place by ordinary tensors
-    with the same values, one tensor at a time. Returns how many were converted."""
+    with the same values (and the same tensor subclass: GGUF weights stay GGMLTensors), one tensor at a
+    time. Returns how many were converted."""
     converted = 0
     with torch.inference_mode(False):
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_inference():
-                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    sub._parameters[name] = torch.nn.Parameter(ordinary_copy(p), requires_grad=False)
                     converted += 1
             for name, b in list(sub._buffers.items()):
                 if b is not None and b.is_inference():
-                    sub._buffers[name] = b.clone()
+                    sub._buffers[name] = ordinary_copy(b)
                     converted += 1
     return converted
