@@ -41,6 +41,21 @@ def flux_dev_config(double: int, single: int) -> dict:
             "guidance_embed": True}
 
 
+def sync() -> None:
+    """Waits for the GPU's queued work (nothing on a CPU), so a timer sees the whole of it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak(reset: bool = False):
+    """The peak allocated GPU memory in GiB since the last reset (None on a CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+
+
 def build(double: int, single: int, dtype):
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -93,17 +108,6 @@ def main(argv=None) -> None:
     grid = glue.make_grid(model, steps)
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype), "parameters": params,
            "double_blocks": double, "single_blocks": single, "size": size, "steps": steps, "build_s": round(built, 1)}
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def peak(reset=False):
-        if not cuda:
-            return None
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     def run(pred):
         dev = pred.device if hasattr(pred, "device") else z0.device

@@ -140,6 +140,8 @@ def emulate_card(card_gb: float) -> None:
 
 
 def worker(family: str, weights: str, vram: str, quick: bool, gguf_dir: str | None) -> dict:
+    from flow_gpu import peak, sync
+
     from support import comfy_host
 
     if os.environ.get("COMFYUI_INVERSE_EMULATE_CARD_GB"):
@@ -164,17 +166,6 @@ def worker(family: str, weights: str, vram: str, quick: bool, gguf_dir: str | No
     channels = 16 if family == "flux" else 4
     z0 = torch.randn(1, channels, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
     grid = glue.make_grid(model, 28)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def peak(reset=False):
-        if not cuda:
-            return None
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
 
     def run(pred):
         z = z0.to(getattr(pred, "device", z0.device))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from support import comfy_host
-from support.core_oracles import rnri_objective
 from support.integration import (UNetCounter, _encode, _interrupt_after, _invert_and_sample, _latents, _nodes,
-                                 _rel, _tap, check_ddpm_inversion_reconstructs_exactly, rnri_gradient, rnri_probe)
+                                 _rel, _tap, check_ddpm_inversion_reconstructs_exactly,
+                                 rnri_directional_check)
 
 comfy_host.skip_module_without_host()
 
@@ -270,18 +270,5 @@ def test_mismatched_conditioning_batch_is_a_clear_error(pack, loaded):
 
 def test_rnri_objective_gradient_through_comfyui_matches_finite_differences(pack, glue, loaded):
     model, clip, vae, pos, neg = loaded
-    make_step, z, g = rnri_probe(pack, glue, model, 4, 3.0)
-    d = torch.randn(1, 4, 8, 8, generator=g)
-
-    def run(pred):
-        step = make_step(pred)
-        with pred.autograd():
-            grad = rnri_gradient(step, z)
-            with torch.no_grad():
-                h = 1e-3
-                fd = (rnri_objective(step, z + h * d, 0.1)[0] - rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
-        return float((grad * d).sum()), float(fd)
-
-    with torch.inference_mode():
-        analytic, fd = glue.run_with_predictor(model, {"c": pos, "u": neg}, z.shape, run)
+    analytic, fd = rnri_directional_check(pack, glue, model, pos, neg)
     assert analytic == pytest.approx(fd, rel=2e-2)

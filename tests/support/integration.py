@@ -40,6 +40,28 @@ def rnri_gradient(step, z: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
     return torch.autograd.grad(F, zz)[0]
 
 
+def rnri_directional_check(pack, glue, model, pos, neg, richardson: bool = False) -> tuple[float, float]:
+    """RNRI's objective (eq. 7) through the glue on ``model``, guidance 3: its autograd gradient along a
+    random direction d, and the central difference along d (h = 1e-3; with ``richardson``, the O(h^2)
+    term cancelled with h = 5e-4 as well). Returns (analytic, finite difference)."""
+    make_step, z, g = rnri_probe(pack, glue, model, 4, 3.0)
+    d = torch.randn(1, 4, 8, 8, generator=g)
+
+    def run(pred):
+        step = make_step(pred)
+        with pred.autograd():
+            grad = rnri_gradient(step, z)
+            with torch.no_grad():
+                def central(h):
+                    return (rnri_objective(step, z + h * d, 0.1)[0] - rnri_objective(step, z - h * d, 0.1)[0]) / (2 * h)
+
+                fd = (4 * central(5e-4) - central(1e-3)) / 3 if richardson else central(1e-3)
+        return float((grad * d).sum()), float(fd)
+
+    with torch.inference_mode():
+        return glue.run_with_predictor(model, {"c": pos, "u": neg}, z.shape, run)
+
+
 # --------------------------------------------------------------------------------------------
 # counting and cancelling model calls
 
