@@ -56,6 +56,18 @@ def peak(reset: bool = False):
     return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
 
 
+def init_random_(net: torch.nn.Module, device) -> None:
+    """Random weights of a real model's shapes, drawn on ``device``: every matrix N(0, 1 / fan-in),
+    norm scales 1, biases 0."""
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() <= 1:
+                p.fill_(1.0 if name.endswith(("scale", "weight")) else 0.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+
+
 def build(double: int, single: int, dtype):
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -65,13 +77,7 @@ def build(double: int, single: int, dtype):
     config = sm.Flux(flux_dev_config(double, single))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.dim() <= 1:
-                p.fill_(1.0 if name.endswith(("scale", "weight")) else 0.0)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+    init_random_(model.diffusion_model, device)
     params = sum(p.numel() for p in model.diffusion_model.parameters())
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device()), params
 

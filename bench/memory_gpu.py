@@ -71,6 +71,8 @@ def _q8_0(shape, device) -> torch.Tensor:
 def build(family: str, weights: str, quick: bool, gguf_pack):
     import comfy.model_management as mm
     import comfy.model_patcher
+    from flow_gpu import init_random_
+
     config_cls, unet_config = _config(family, quick)
     config = config_cls(unet_config)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -78,13 +80,7 @@ def build(family: str, weights: str, quick: bool, gguf_pack):
     device = mm.get_torch_device()
     if weights == "bf16":
         model = config.get_model({}, device=device)
-        g = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.diffusion_model.named_parameters():
-                if p.dim() <= 1:
-                    p.fill_(1.0 if name.endswith(("scale", "weight")) else 0.0)
-                else:
-                    p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+        init_random_(model.diffusion_model, device)
         return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
     import gguf
 
