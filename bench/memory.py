@@ -14,9 +14,18 @@ fp16 (UNet 1.72 GB, CLIP-L 0.25 GB, VAE 0.17 GB). needed = weights + working / 2
 24 GB cards less 1 GB for the CUDA context and ComfyUI. ComfyUI's low-VRAM mode can stream the
 weights instead (bench/memory_gpu.py measures both on a GPU).
 
+SDXL (``--family sdxl``): SDXL's real UNet (2.6B random float32 weights, 10.3 GB) with conditionings of
+its shapes; at 512 px it fits a 24 GB machine. At 1024 px a GPU's working memory is at most 4x the
+512 px CPU measurement: activations grow with the pixel count, and the CPU's materialised attention
+matrices, which grow with its square, are what a GPU's fused attention does not keep (an upper
+bound, until bench/memory_gpu.py measures it on a GPU). The decoder inversions need only the VAE,
+so they are measured at 1024 px directly (``--size 1024``).
+
 Usage (ComfyUI importable: COMFYUI_PATH=...):
     python bench/memory.py                 # every node, SD1.5 at 512 px (about 25 minutes on 2 cores)
     python bench/memory.py --nodes ddim_inversion,restore_ldps --size 256
+    python bench/memory.py --family sdxl --nodes ddim_inversion,exact_rnri,null_text,restore_ldps
+    python bench/memory.py --nodes decoder_inversion_gradient_free,decoder_inversion_gradient_based --size 1024
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import torch
 
 import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
-WEIGHTS_FP16_GB = {"sd15": 1.72 + 0.25 + 0.17}
+WEIGHTS_FP16_GB = {"sd15": 1.72 + 0.25 + 0.17, "sdxl": 5.14 + 1.64 + 0.17}  # UNet + text encoders + VAE
 CARDS_GB = (8, 12, 16, 24)
 OVERHEAD_GB = 1.0
 STEPS = 2
@@ -57,18 +66,28 @@ DECODER = ("decoder_inversion_gradient_free", "decoder_inversion_gradient_based"
 NODES = tuple(INVERSIONS) + EDITS + RESTORES + DECODER
 
 
-def _setup(size: int):
+def _setup(size: int, family: str = "sd15"):
     from support import comfy_host
 
     pack = comfy_host.start_inprocess()
     import comfy.sd
 
-    model = comfy_host.sd15_sized_model()
     with torch.inference_mode():
         _, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_host.tiny_checkpoint()))[:3]
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photograph of an astronaut"))
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         tar = clip.encode_from_tokens_scheduled(clip.tokenize("a painting of an astronaut"))
+    if family == "sd15":
+        model = comfy_host.sd15_sized_model()
+    else:  # SDXL's real UNet (2.6B parameters, random float32 weights) and its conditioning's shapes
+        import comfy.supported_models as sm
+        from memory_gpu import model_config
+
+        with torch.inference_mode(False):
+            model = comfy_host.random_model(sm.SDXL, model_config("sdxl", False)[1], 0)[0]
+        g = torch.Generator().manual_seed(1)
+        pos, neg, tar = ([[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+                         for _ in range(3))
     img = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
     return pack, model, clip, vae, pos, neg, tar, img
 
@@ -77,9 +96,9 @@ def _node(pack, module: str):
     return importlib.import_module(f"{pack.__name__}.nodes.{module}")
 
 
-def _run(name: str, size: int):
+def _run(name: str, size: int, family: str = "sd15"):
     """A closure running the node ``name`` once, and the UNet/decoder call counts it reports."""
-    pack, model, clip, vae, pos, neg, tar, img = _setup(size)
+    pack, model, clip, vae, pos, neg, tar, img = _setup(size, family)
     inv, ed, rs = _node(pack, "inversion"), _node(pack, "editing"), _node(pack, "restoration")
     with torch.inference_mode():
         lat = {"samples": vae.encode(img)}
@@ -114,21 +133,21 @@ def _run(name: str, size: int):
                                                "auto").args
 
 
-def worker(name: str, size: int) -> dict:
+def worker(name: str, size: int, family: str = "sd15") -> dict:
     from support.peak_memory import Peak
 
-    run = _run(name, size)
+    run = _run(name, size, family)
     t0 = time.perf_counter()
     with Peak() as peak, torch.inference_mode():
         out = run()
     finite = all(bool(torch.isfinite(o["samples"] if isinstance(o, dict) else o).all())
                  for o in out if isinstance(o, (dict, torch.Tensor)) and (not isinstance(o, dict) or "samples" in o))
-    return {"node": name, "size": size, "working_mb_fp32": peak.mb, "seconds": round(time.perf_counter() - t0, 1),
+    return {"node": name, "family": family, "size": size, "working_mb_fp32": peak.mb, "seconds": round(time.perf_counter() - t0, 1),
             "finite": finite}
 
 
-def project(row: dict, family: str = "sd15") -> dict:
-    need = WEIGHTS_FP16_GB[family] + row["working_mb_fp32"] / 2 / 1024
+def project(row: dict) -> dict:
+    need = WEIGHTS_FP16_GB[row["family"]] + row["working_mb_fp32"] / 2 / 1024
     return dict(row, needed_gb_16bit=round(need, 2),
                 fits={f"{c} GB": need + OVERHEAD_GB <= c for c in CARDS_GB})
 
@@ -139,14 +158,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default=",".join(NODES))
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--family", choices=sorted(WEIGHTS_FP16_GB), default="sd15",
+                    help="sdxl: SDXL's real UNet with random weights (10.3 GB in float32; 512 px fits 24 GB)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size)), flush=True)
+        print(json.dumps(worker(args.worker, args.size, args.family)), flush=True)
         return 0
     rows = []
     for name in args.nodes.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--size", str(args.size)],
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--size", str(args.size),
+                               "--family", args.family],
                               capture_output=True, text=True, env=FRESH_ENV)
         if proc.returncode:
             print(f"[memory] {name} failed:\n{proc.stderr[-3000:]}", flush=True)

@@ -37,7 +37,7 @@ WEIGHTS = ("bf16", "gguf_q8_0")
 VRAM = ("normal", "lowvram_12gb")
 
 
-def _config(family: str, quick: bool):
+def model_config(family: str, quick: bool):
     import comfy.supported_models as sm
     from flow_gpu import flux_dev_config
 
@@ -73,7 +73,7 @@ def build(family: str, weights: str, quick: bool, gguf_pack):
     import comfy.model_patcher
     from flow_gpu import init_random_
 
-    config_cls, unet_config = _config(family, quick)
+    config_cls, unet_config = model_config(family, quick)
     config = config_cls(unet_config)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     config.set_inference_dtype(dtype, None)
@@ -105,7 +105,7 @@ def build(family: str, weights: str, quick: bool, gguf_pack):
     return nodes_mod.GGUFModelPatcher.clone(patcher)
 
 
-def _conds(family: str, quick: bool):
+def real_conds(family: str, quick: bool):
     g = torch.Generator().manual_seed(1)
     if family == "sd15":
         c = [[torch.randn(1, 77, 768, generator=g), {}]]
@@ -158,7 +158,7 @@ def worker(family: str, weights: str, vram: str, quick: bool, gguf_dir: str | No
     t0 = time.perf_counter()
     model = build(family, weights, quick, gguf_pack)
     out["build_s"] = round(time.perf_counter() - t0, 1)
-    conds, names = _conds(family, quick)
+    conds, names = real_conds(family, quick)
     channels = 16 if family == "flux" else 4
     z0 = torch.randn(1, channels, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
     grid = glue.make_grid(model, 28)

@@ -53,6 +53,21 @@ class DecoderInversion(io.ComfyNode):
                                         tooltip="auto: the VAE's own dtype through ComfyUI's VAE (tiles when memory "
                                                 "runs out); fp16/bf16/fp32: a private copy of the VAE in that "
                                                 "precision. The latent is always float32.")),
+                advanced(io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
+                                        tooltip="gradient_based only (the gradient-free methods keep no graph): "
+                                                "autograd memory of the decoder. tiled: images larger than "
+                                                "tile_size decode as the fewest equal overlapping tiles, one at a "
+                                                "time, recomputed in the backward pass, so the peak is one tile's "
+                                                "(an SD VAE at 1024 px: about a seventh of full; the seams are "
+                                                "feathered, so the objective is the tiled decoder's, while the "
+                                                "reported error is the whole decoder's); images within one tile "
+                                                "decode whole, exactly. full: the whole decoder's graph (SD VAE, "
+                                                "16 bit: about 3 GB at 512 px, 12 GB at 1024 px). checkpoint: "
+                                                "the whole decoder, recomputed in the backward pass.")),
+                advanced(io.Int.Input("tile_size", default=64, min=16, max=256, step=8,
+                                      tooltip="Largest tile side in latent pixels for decoder_memory tiled (64 = "
+                                              "512 px with an SD VAE: 512 px images decode whole, 1024 px ones as "
+                                              "3 x 3 tiles of 384 px).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The inverted latent."),
@@ -62,7 +77,8 @@ class DecoderInversion(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, vae, method, iterations, step_size, momentum, precision, latent=None) -> io.NodeOutput:
+    def execute(cls, image, vae, method, iterations, step_size, momentum, precision, latent=None,
+                decoder_memory="tiled", tile_size=64) -> io.NodeOutput:
         glue.check_widgets(cls, locals())
         if method == "gradient_free_momentum" and not di.km_condition(momentum, step_size):
             raise glue.InverseInputError(
@@ -70,7 +86,7 @@ class DecoderInversion(io.ComfyNode):
                 f"lambda (1 - a + 2 a^2) < (1 - a)^2 (paper eq. 13); lower step_size below "
                 f"{(1 - momentum) ** 2 / (1 - momentum + 2 * momentum ** 2):.4g}.")
         glue.check_image(image, "image", vae)
-        codec = glue.VaeCodec(vae, precision)
+        codec = glue.VaeCodec(vae, precision, decoder_memory, tile_size)
         x = codec.crop(image)
         z0 = None
         if latent is not None:
@@ -90,6 +106,7 @@ class DecoderInversion(io.ComfyNode):
             curves["residual RMS(E(D(z)) - E(x))"] = rec.residual
         plot = plot_curves(curves, f"decoder inversion: {method}, {iterations} iterations, {precision}")
         record = json.dumps({"method": method, "iterations": iterations, "precision": precision,
+                             "decoder_memory": decoder_memory if method == "gradient_based" else None,
                              "reconstruction_rms": rec.recon, "residual_rms": rec.residual})
         return io.NodeOutput({"samples": z.detach().cpu().float()}, plot, record)
 

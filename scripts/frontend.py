@@ -21,8 +21,26 @@ from pathlib import Path
 
 VIEWPORT = {"width": 1440, "height": 900}  # a common laptop screen: the default view must fit it
 BLOCK_STEP = 10
-DISPLAY_ONLY = ("$$canvas-image-preview", "preview")  # widgets the frontend adds to show outputs
+# widgets the frontend adds to show outputs (newer frontends: Preview Any's text and its plain/markdown toggle)
+DISPLAY_ONLY = ("$$canvas-image-preview", "preview", "preview_text", "preview_mode")
 NOT_VALUES = ("control_after_generate", "upload", "$$canvas-image-preview")
+# The frontends the browser tests run: the one ComfyUI pins (1.27.10 for 0.3.64) and the newest
+# comfyui-frontend-package on the package index when this was last checked (``pip index versions
+# comfyui-frontend-package``); scripts/provision.py installs it into the cache folder.
+PINNED = "pinned"
+NEWEST = "1.58.1"
+FRONTENDS = (PINNED, NEWEST)
+
+
+def frontend_root(version: str) -> Path | None:
+    """The folder ComfyUI's ``--front-end-root`` serves for ``version``: None for the pinned one (the
+    comfyui-frontend-package that ComfyUI's requirements.txt pins, installed in its Python), else the
+    package unpacked in the cache folder by ``scripts/provision.py --deps test``."""
+    if version == PINNED:
+        return None
+    import provision  # scripts/, beside this file
+
+    return provision.frontend_dir(version) / "comfyui_frontend_package" / "static"
 
 
 def find_chromium() -> str | None:
@@ -33,8 +51,8 @@ def find_chromium() -> str | None:
     return None
 
 
-def missing_reason() -> str | None:
-    """Why the browser tests cannot run here, or None."""
+def missing_reason(version: str = PINNED) -> str | None:
+    """Why the browser tests cannot run here (on frontend ``version``), or None."""
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -43,6 +61,10 @@ def missing_reason() -> str | None:
     if find_chromium() is None:
         return ("no Chromium found (set CHROMIUM, or install Debian's chromium: apt-get install chromium; "
                 "scripts/test.sh does this when it runs as root with apt-get)")
+    root = frontend_root(version)
+    if root is not None and not (root / "index.html").is_file():
+        return (f"comfyui-frontend-package {version} is not in {root.parents[1]} (python scripts/provision.py "
+                f"--deps test installs it from the package index; scripts/test.sh runs that)")
     return None
 
 
@@ -52,17 +74,18 @@ _SNAPSHOT_JS = """() => {
   const links = g.links instanceof Map ? [...g.links.values()] : Object.values(g.links || {});
   const ds = window.app.canvas.ds;
   const rect = window.app.canvasEl.getBoundingClientRect();
+  const num = v => (typeof v === 'string' && /^-?\d+$/.test(v)) ? Number(v) : v;  // newer frontends: string ids
   return {
     scale: ds.scale, offset: [ds.offset[0], ds.offset[1]],
     canvas: [rect.left, rect.top, rect.width, rect.height],
-    links: links.filter(l => l).map(l => ({id: l.id, origin_id: l.origin_id, origin_slot: l.origin_slot,
-                                            target_id: l.target_id, target_slot: l.target_slot, type: l.type})),
+    links: links.filter(l => l).map(l => ({id: num(l.id), origin_id: num(l.origin_id), origin_slot: l.origin_slot,
+                                            target_id: num(l.target_id), target_slot: l.target_slot, type: l.type})),
     groups: (g._groups || g.groups || []).map(gr => ({title: gr.title, bounding: [...gr._bounding || gr.bounding]})),
     nodes: g._nodes.map(n => ({
-      id: n.id, type: n.type, title: n.title, registered: !!reg[n.type], mode: n.mode,
+      id: num(n.id), type: n.type, title: n.title, registered: !!reg[n.type], mode: n.mode,
       bounding: [...n.getBounding()], pos: [...n.pos], size: [...n.size], min_size: [...n.computeSize()],
-      inputs: (n.inputs || []).map(i => ({name: i.name, link: i.link, widget: !!i.widget})),
-      outputs: (n.outputs || []).map(o => ({name: o.name, links: o.links ? [...o.links] : []})),
+      inputs: (n.inputs || []).map(i => ({name: i.name, link: num(i.link), widget: !!i.widget})),
+      outputs: (n.outputs || []).map(o => ({name: o.name, links: o.links ? o.links.map(num) : []})),
       widgets: (n.widgets || []).map(w => ({name: w.name, type: w.type, value: w.value,
         values: Array.isArray(w.options?.values) ? [...w.options.values] : null,
         min: w.options?.min ?? null, max: w.options?.max ?? null})),
@@ -102,14 +125,21 @@ class Frontend:
         self.close_dialogs()
 
     def close_dialogs(self) -> list[str]:
-        """Closes every open dialog; returns their texts."""
+        """Closes every open dialog and error card; returns their texts. (The pinned frontend names
+        missing models in a dialog; newer ones in an error card over the canvas's top right.)"""
         texts = []
-        for _ in range(5):
-            dialogs = self.page.locator(".p-dialog")
-            if dialogs.count() == 0:
+        for _ in range(8):
+            dialogs = self.page.locator(".p-dialog:visible, [role=dialog]:visible")
+            cards = self.page.locator('[data-testid="error-overlay"]:visible')
+            if dialogs.count():  # modal dialogs first: their overlay takes the clicks
+                texts += [d.inner_text() for d in dialogs.all()]
+                self.page.keyboard.press("Escape")
+            elif cards.count():
+                texts += [c.inner_text() for c in cards.all()]
+                for card in cards.all():
+                    card.locator('[data-testid="error-overlay-dismiss"]').first.click()
+            else:
                 break
-            texts += [d.inner_text() for d in dialogs.all()]
-            self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(300)
         return texts
 
@@ -119,6 +149,28 @@ class Frontend:
         self.page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, null) }", workflow)
         self.page.wait_for_timeout(600)
         return self.close_dialogs()
+
+    def set_setting(self, name: str, value) -> None:
+        """Sets a frontend setting as its settings dialog does (stored for this user on the server)."""
+        self.page.evaluate("async ([n, v]) => { await window.app.extensionManager.setting.set(n, v) }", [name, value])
+        self.page.wait_for_timeout(500)
+
+    def vue_node_count(self) -> int:
+        """How many nodes the frontend draws as Vue components ("Nodes 2.0"), not on the canvas."""
+        return self.page.evaluate("() => document.querySelectorAll('[data-node-id]').length")
+
+    def template_titles(self, category: str) -> list[str]:
+        """The card titles the template browser shows under ``category`` (a pack's folder name), in
+        the order shown: opened with the frontend's own command, as the Templates button does."""
+        self.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        self.page.wait_for_timeout(2000)
+        try:
+            self.page.get_by_text(category, exact=True).first.click()
+            self.page.wait_for_timeout(1500)
+            return self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog *, [role=dialog] *')]
+              .filter(e => e.children.length === 0).map(e => (e.innerText || '').trim()).filter(t => t)""")
+        finally:
+            self.close_dialogs()
 
     def canvas_rect(self) -> list[float]:
         return self.page.evaluate("() => { const r = window.app.canvasEl.getBoundingClientRect(); "
@@ -200,7 +252,7 @@ class Frontend:
           for (const w of n.widgets || []) if (w.name in values) w.value = values[w.name];
           for (const [slot, target, targetSlot] of outs) n.connect(slot, g.getNodeById(target), targetSlot);
           g.setDirtyCanvas(true, true);
-          return [n.id, n.type];
+          return [Number(n.id), n.type];
         }""", {"id": node_id, "type": node_type})
         if got != [node_id, node_type]:
             raise AssertionError(f"replacing node {node_id} by a {node_type} gave {got}")
@@ -232,11 +284,14 @@ class FrontendSession:
     page on it (context manager)."""
 
     def __init__(self, comfy_dir: Path, checkpoints: Path, inputs: Path, extra_nodes: tuple = (),
-                 env: dict | None = None):
+                 env: dict | None = None, version: str = PINNED):
         import run_workflow  # scripts/, beside this file
 
         self._rw = run_workflow
-        self.local = run_workflow.LocalComfy(comfy_dir, checkpoints, True, [], env=env, extra_nodes=extra_nodes)
+        root = frontend_root(version)
+        args = [] if root is None else ["--front-end-root", str(root)]
+        self.version = version
+        self.local = run_workflow.LocalComfy(comfy_dir, checkpoints, True, args, env=env, extra_nodes=extra_nodes)
         self.inputs = inputs
 
     def __enter__(self) -> Frontend:

@@ -328,6 +328,27 @@ def install_requirements(python: str, reqs: list[Path], env=os.environ) -> None:
     stamp.touch()
 
 
+def frontend_dir(version: str, env=os.environ) -> Path:
+    """Where ``install_frontend`` puts comfyui-frontend-package ``version`` (pip's --target layout)."""
+    return cache_dir(env) / "frontends" / version
+
+
+def install_frontend(python: str, version: str, env=os.environ) -> Path:
+    """comfyui-frontend-package ``version`` (static files only, no dependencies) unpacked into the
+    cache folder, for ComfyUI's --front-end-root: the browser tests run the newest one beside the
+    pinned one. Nothing is installed into the Python."""
+    target = frontend_dir(version, env)
+    if (target / "comfyui_frontend_package" / "static" / "index.html").is_file():
+        return target
+    log(f"installing comfyui-frontend-package {version} into {target} (for the browser tests)")
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pip_install(python, ["--no-deps", "--target", str(tmp), f"comfyui-frontend-package=={version}"])
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def provision(deps: str = "run", want_host: bool = True, env=os.environ) -> tuple[Host | None, str]:
     """(host or None, python) with ``deps`` installed: none, run (ComfyUI's requirements and the
     pack's), test (those and the test requirements)."""
@@ -350,6 +371,11 @@ def provision(deps: str = "run", want_host: bool = True, env=os.environ) -> tupl
         reqs.append(ROOT / "requirements-test.txt")
     if reqs:
         install_requirements(python, reqs, env)
+    if deps == "test" and host is not None:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import frontend  # scripts/: which frontends the browser tests run
+
+        install_frontend(python, frontend.NEWEST, env)
     elif deps != "none":
         ensure_torch(python, env)
     return host, python

@@ -16,6 +16,7 @@ frontend's own graphToPrompt) and compare with the API twin, so the two never dr
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 # the checkpoints the example workflows load, with their downloads (also read by the tests' host)
@@ -355,44 +356,91 @@ def rects(ui: dict) -> list[tuple[float, float, float, float]]:
     return out + [tuple(g["bounding"]) for g in ui["groups"]]
 
 
+_GRIDS: dict = {}
+
+
+def _grid(blocked, step: int):
+    """The blocked cells as a summed-area table: (x0, y0, table), so that counting the cells a
+    rectangle touches costs four lookups (fit_view tries thousands of views)."""
+    key = id(blocked)
+    if key not in _GRIDS or _GRIDS[key][0] is not blocked:
+        if not blocked:
+            _GRIDS[key] = (blocked, None)
+        else:
+            xs, ys = [b[0] for b in blocked], [b[1] for b in blocked]
+            x0, y0 = min(xs), min(ys)
+            nx, ny = int((max(xs) - x0) // step) + 1, int((max(ys) - y0) // step) + 1
+            table = [[0] * (nx + 1) for _ in range(ny + 1)]
+            for bx, by in blocked:
+                table[int((by - y0) // step) + 1][int((bx - x0) // step) + 1] = 1
+            for j in range(1, ny + 1):
+                row, above = table[j], table[j - 1]
+                for i in range(1, nx + 1):
+                    row[i] += row[i - 1] + above[i] - above[i - 1]
+            _GRIDS[key] = (blocked, (x0, y0, nx, ny, table))
+    return _GRIDS[key][1]
+
+
+def _touches(grid, step: int, x0: float, y0: float, x1: float, y1: float) -> bool:
+    """Whether a blocked cell (bx, by) with x0 <= bx + step, bx <= x1, y0 <= by + step, by <= y1 exists."""
+    if grid is None:
+        return False
+    gx, gy, nx, ny, t = grid
+    i0, i1 = max(0, math.ceil((x0 - step - gx) / step)), min(nx - 1, math.floor((x1 - gx) / step))
+    j0, j1 = max(0, math.ceil((y0 - step - gy) / step)), min(ny - 1, math.floor((y1 - gy) / step))
+    if i0 > i1 or j0 > j1:
+        return False
+    return t[j1 + 1][i1 + 1] - t[j0][i1 + 1] - t[j1 + 1][i0] + t[j0][i0] > 0
+
+
 def fits(ui_rects, scale: float, offset, canvas_rect, blocked, step: int) -> bool:
     """Whether every rectangle, drawn at ``scale`` and ``offset``, lies on the canvas and off every
     blocked cell (page pixels covered by the frontend's own panels: tabs, minimap, zoom buttons)."""
     cx, cy, cw, ch = canvas_rect
+    grid = _grid(blocked, step)
     for x, y, w, h in ui_rects:
         x0, y0 = cx + (x + offset[0]) * scale, cy + (y + offset[1]) * scale
         x1, y1 = x0 + w * scale, y0 + h * scale
         if x0 < cx or y0 < cy or x1 > cx + cw or y1 > cy + ch:
             return False
-        for bx, by in blocked:
-            if x0 <= bx + step and bx <= x1 and y0 <= by + step and by <= y1:
-                return False
+        if _touches(grid, step, x0, y0, x1, y1):
+            return False
     return True
 
 
 def fit_view(ui: dict, canvas_rect, blocked, step: int) -> float:
-    """The largest scale (<= 1) whose view, anchored 12 px right of and below the first free
-    cell at the top left, shows every node and group; stores it as the workflow's saved view."""
+    """The largest scale (<= 1) whose view shows every node and group on the canvas and off the
+    panels, with the graph's top left 12 px right of and below a panel's edge (or the canvas's);
+    stores it as the workflow's saved view."""
     rs = rects(ui)
     bx0 = min(r[0] for r in rs)
     by0 = min(r[1] for r in rs)
     cx, cy, cw, ch = canvas_rect
-    top = max([by + step for bx, by in blocked if bx < cx + 200 and by < cy + 200] + [cy]) + 12 - cy
-    left = 12
+    near = [(bx, by) for bx, by in blocked if bx < cx + 300 and by < cy + 300]
+    lefts = sorted({12} | {bx + step + 12 - cx for bx, _ in near})
+    tops = sorted({12} | {by + step + 12 - cy for _, by in near})
     best = None
-    lo, hi = 0.05, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        off = [left / mid - bx0, top / mid - by0]
-        if fits(rs, mid, off, canvas_rect, blocked, step):
-            best, lo = (mid, off), mid
-        else:
-            hi = mid
-    if fits(rs, 1.0, [left - bx0, top - by0], canvas_rect, blocked, step):
-        best = (1.0, [left - bx0, top - by0])
+    for left in lefts:
+        for top in tops:
+            def fit_at(scale):
+                return fits(rs, scale, [left / scale - bx0, top / scale - by0], canvas_rect, blocked, step)
+
+            if best is not None and not fit_at(best[0] + 1e-4):
+                continue
+            lo, hi = 0.05, 1.0
+            found = 1.0 if fit_at(1.0) else None
+            if found is None:
+                for _ in range(30):
+                    mid = (lo + hi) / 2
+                    if fit_at(mid):
+                        found, lo = mid, mid
+                    else:
+                        hi = mid
+            if found is not None and (best is None or found > best[0]):
+                best = (found, left, top)
     if best is None:
         raise ValueError("the graph does not fit the canvas at any scale")
-    scale, off = best
+    scale, left, top = best
     scale = float(int(scale * 1000)) / 1000
     ui["extra"]["ds"] = {"scale": scale, "offset": [round(left / scale - bx0, 1), round(top / scale - by0, 1)]}
     return scale
@@ -447,7 +495,29 @@ SCREENSHOTS = {  # one per capability, for the README
 }
 
 
+def _measure(frontend, comfy_host, node_classes, version: str, stems: list[str]) -> dict:
+    """What a frontend needs: each node's smallest size per workflow, its canvas's size, the cells its
+    own panels cover (relative to the canvas's top left, where the saved view's offset is counted
+    from), and the zoom below which it stops drawing text."""
+    with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
+                                  ROOT / "workflows" / "input", (comfy_host.HOST_NODES,),
+                                  comfy_host.host_nodes_env(), version=version) as fe:
+        cx, cy, cw, ch = fe.canvas_rect()
+        blocked = {(bx - cx, by - cy) for bx, by in fe.blocked_cells()}
+        sizes = {}
+        for stem in stems:
+            fe.load(api_to_ui(json.loads((ROOT / "workflows" / "api" / f"{stem}.json").read_text()), node_classes))
+            sizes[stem] = {n["id"]: n["min_size"] for n in fe.snapshot()["nodes"]}
+        out = dict(canvas=(cw, ch), blocked=blocked, readable=fe.low_quality_below(), sizes=sizes)
+    print(f"frontend {version}: canvas {cw:.0f} x {ch:.0f} at ({cx:.0f}, {cy:.0f}), {len(blocked)} cells covered by "
+          f"panels, text drawn from zoom {out['readable']:.3f}")
+    return out
+
+
 def main() -> None:
+    """Lays every workflow out for all the frontends the tests run (scripts/frontend.py's FRONTENDS):
+    each node as large as the largest frontend needs it, the saved view clear of every frontend's
+    panels; the thumbnails and screenshots are the pinned frontend's."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))  # the tests' support package: ComfyUI in-process, the test nodes
@@ -462,6 +532,10 @@ def main() -> None:
     on_disk = sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
     if sorted(stems) != on_disk:
         raise SystemExit(f"MANIFEST and workflows/api differ: {sorted(set(stems) ^ set(on_disk))}")
+    measured = [_measure(frontend, comfy_host, nodes.NODE_CLASS_MAPPINGS, v, stems) for v in frontend.FRONTENDS]
+    canvas = [0, 0, min(m["canvas"][0] for m in measured), min(m["canvas"][1] for m in measured)]
+    blocked = sorted(set().union(*(m["blocked"] for m in measured)))
+    readable = max(m["readable"] for m in measured)
     for old in (ROOT / "workflows").glob("*.json"):
         old.unlink()
     for old in (ROOT / "workflows").glob("*.jpg"):
@@ -470,14 +544,11 @@ def main() -> None:
     shots.mkdir(parents=True, exist_ok=True)
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
                                   ROOT / "workflows" / "input", (comfy_host.HOST_NODES,),
-                                  comfy_host.host_nodes_env()) as fe:
-        canvas, blocked = fe.canvas_rect(), fe.blocked_cells()
-        readable = fe.low_quality_below()
-        print(f"canvas {canvas}, {len(blocked)} cells covered by panels, text drawn from zoom {readable:.3f}")
+                                  comfy_host.host_nodes_env(), version=frontend.PINNED) as fe:
         for stem in stems:
             prompt = json.loads((ROOT / "workflows" / "api" / f"{stem}.json").read_text())
-            fe.load(api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS))
-            sizes = {n["id"]: n["min_size"] for n in fe.snapshot()["nodes"]}
+            sizes = {nid: [max(m["sizes"][stem][nid][i] for m in measured) for i in (0, 1)]
+                     for nid in measured[0]["sizes"][stem]}
             best = None
             for max_h in range(600, 2001, 50):  # the column height that gives the largest view
                 ui = api_to_ui(prompt, nodes.NODE_CLASS_MAPPINGS, sizes, stem, max_column_h=max_h)

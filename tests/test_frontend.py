@@ -21,19 +21,21 @@ import frontend  # scripts/
 import ui_workflows  # scripts/
 from support import comfy_host, workflow_runs
 
+# the frontend this module runs (test_frontend_newest.py runs the same tests on the newest one)
+VERSION = frontend.PINNED
 pytestmark = [pytest.mark.skipif(not comfy_host.HOST_FOUND, reason=comfy_host.MISSING_REASON),
-              pytest.mark.skipif(frontend.missing_reason() is not None, reason=str(frontend.missing_reason()))]
+              pytest.mark.skipif(frontend.missing_reason(VERSION) is not None, reason=str(frontend.missing_reason(VERSION)))]
 
 STEMS = [m[0] for m in ui_workflows.MANIFEST]
 SHOTS = Path(os.environ.get("COMFYUI_INVERSE_SCREENSHOTS", Path(tempfile.gettempdir()) / "comfyui-inverse-screenshots"))
 
 
 @pytest.fixture(scope="module")
-def fe():
+def fe(request):
     comfy_host.tiny_checkpoint()
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
                                   comfy_host.ROOT / "workflows" / "input", (comfy_host.HOST_NODES,),
-                                  comfy_host.host_nodes_env()) as f:
+                                  comfy_host.host_nodes_env(), version=request.module.VERSION) as f:
         f.blocked = f.blocked_cells()
         f.canvas = f.canvas_rect()
         yield f
@@ -51,6 +53,15 @@ def test_every_api_workflow_has_a_ui_twin_and_thumbnail():
     assert sorted(ui_workflows.ui_file(s) for s in STEMS) == ui_files
     for path in ui_files:
         assert path.with_suffix(".jpg").is_file(), f"no template thumbnail for {path.name}"
+
+
+def test_template_browser_lists_the_workflows_in_reading_order(fe):
+    # the server lists a pack's files in the file system's order; the pack's middleware sorts them
+    # (nodes/comfy/server.py) and the frontend shows them as listed (the first cards, lazily drawn)
+    ui_files = sorted(p.stem for p in (comfy_host.ROOT / "workflows").glob("*.json"))
+    shown = [t for t in fe.template_titles(comfy_host.PACK_DIR_NAME) if t in set(ui_files)]
+    shown = [t for i, t in enumerate(shown) if t not in shown[:i]]
+    assert len(shown) >= 12 and shown == ui_files[:len(shown)], shown
 
 
 @pytest.mark.parametrize("stem", STEMS)
@@ -155,6 +166,12 @@ def test_the_queued_workflows_cover_every_node_type_and_family():
 
 @pytest.mark.parametrize("stem", QUEUED)
 def test_ui_workflow_queues_through_the_frontend(fe, stem):
+    check_queues(fe, stem)
+
+
+def check_queues(fe, stem):
+    """Loads, shrinks and queues a workflow through the frontend: the server runs it and every Save
+    Image node saves images."""
     _load(fe, stem)
     shrunk = _set_shrunk(fe, stem)
     assert fe.queued_prompt() == shrunk

@@ -50,3 +50,31 @@ def test_decoder_inversion_errors_are_clear(pack, loaded):
         with pytest.raises(Exception, match=r"^latent: shape"):
             n.DecoderInversion.execute(img, vae, "gradient_free_adam", 2, 0.01, 0.3, "auto",
                                        latent={"samples": torch.zeros(1, 4, 16, 16)})
+
+
+def test_gradient_based_decoder_memory_modes(pack, loaded):
+    """decoder_memory (issue 22): an image within one tile decodes whole, so "tiled" is "full" to the
+    bit; a larger one decodes as tiles whose gradient still drives the whole decoder's error down,
+    close to the untiled run's."""
+    n = importlib.import_module(pack.__name__ + ".nodes.decoder_inversion")
+    vae = loaded[2]
+
+    def run(size, memory, tile):
+        img = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(5))
+        with torch.inference_mode():
+            lat, _, record = n.DecoderInversion.execute(img, vae, "gradient_based", 2, 0.01, 0.3, "auto",
+                                                        decoder_memory=memory, tile_size=tile).args
+        return lat["samples"], json.loads(record)["reconstruction_rms"]
+
+    whole, rec_whole = run(64, "full", 16)
+    tiled, rec_tiled = run(64, "tiled", 16)  # 8 x 8 latent pixels: one tile
+    assert torch.equal(whole, tiled) and rec_whole == rec_tiled
+    full, rec_full = run(136, "full", 16)
+    tiles, rec_tiles = run(136, "tiled", 16)  # 17 x 17 latent pixels: 2 x 2 tiles of 10
+    assert not torch.equal(full, tiles)
+    assert rec_tiles[-1] < rec_tiles[0] and rec_full[-1] < rec_full[0], (rec_tiles, rec_full)
+    gain_tiles, gain_full = rec_tiles[0] - rec_tiles[-1], rec_full[0] - rec_full[-1]
+    assert gain_tiles > 0.5 * gain_full, (rec_tiles, rec_full)
+    with torch.inference_mode(), pytest.raises(Exception, match=r"^decoder_memory: "):
+        n.DecoderInversion.execute(torch.rand(1, 64, 64, 3), vae, "gradient_based", 1, 0.01, 0.3, "auto",
+                                   decoder_memory="paged")

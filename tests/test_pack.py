@@ -55,7 +55,7 @@ ADVANCED = {
     "InverseProxEdit": {"fixed_threshold", "dilation", "inversion_guidance", "reconstruction_guidance", "t_rec",
                         "source_null_mix"},
     "InverseMasaCtrl": {"start_layer", "base_strategy"},
-    "InverseDecoderInversion": {"momentum", "precision"},
+    "InverseDecoderInversion": {"momentum", "precision", "decoder_memory", "tile_size"},
 }
 
 

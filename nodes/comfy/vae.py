@@ -31,11 +31,14 @@ class VaeCodec:
     inside ``autograd()``.
     """
 
-    def __init__(self, vae, precision: str = "auto"):
+    def __init__(self, vae, precision: str = "auto", memory: str = "full", tile: int = 64):
         if precision != "auto" and precision not in VAE_PRECISIONS:
             raise InverseInputError(f"precision: choose auto, {', '.join(VAE_PRECISIONS)}.")
+        if memory not in DECODER_MEMORY:
+            raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
         self.vae = vae
         self.precision = precision
+        self.memory, self.tile = memory, int(tile)
         comfy.model_management.load_models_gpu([vae.patcher])
         self.device = vae.device
         self.dtype = vae.vae_dtype if precision == "auto" else VAE_PRECISIONS[precision]
@@ -61,9 +64,14 @@ class VaeCodec:
         return self.vae.process_output(self.net.decode(z.to(self.device, self.dtype)).float()).movedim(1, -1)
 
     def decode_differentiable(self, z: Tensor) -> Tensor:
+        """The decoder with bounded autograd memory (core/tiling.py's decode_bounded, as LatentCodec):
+        "tiled" decodes tiles of at most ``tile`` latent pixels one at a time, each recomputed in the
+        backward pass; a latent within one tile decodes plainly, exactly."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        out = self.net.decode(z.to(self.device, self.dtype)).float()
-        return ((out + 1.0) / 2.0).movedim(1, -1)
+        tile = self.tile if self.memory == "tiled" else 0
+        out = decode_bounded(lambda zt: self.net.decode(zt.to(self.device, self.dtype)).float(), z, tile=tile,
+                             overlap=max(1, tile // 8), checkpoint=self.memory != "full")
+        return ((out + 1.0) / 2.0).movedim(1, -1).to(z.device)
 
     @contextlib.contextmanager
     def autograd(self):

@@ -25,5 +25,11 @@ FRONTEND = ["invert_and_reconstruct", "reconstruct_null_text", "texture_then_pos
             "decoder_inversion_then_inversion", "testbed_invert_and_edit", "flux_invert_and_reconstruct",
             "sd35_restore_gaussian_deblur_stsl"]
 
+# queued through the newest frontend as well (test_frontend_newest.py): every model family and each kind of
+# graph (a SAMPLER graph, a GUIDER graph in SamplerCustomAdvanced, the trained testbed, a swapped flow loader);
+# its conversion of every workflow is checked like the pinned one's
+FRONTEND_NEWEST = ["invert_and_reconstruct", "proxedit_guider", "testbed_invert_and_edit", "flux_invert_and_reconstruct",
+                   "sd35_proxedit_word_edit"]
+
 ALL = sorted(p.stem for p in (comfy_host.ROOT / "workflows" / "api").glob("*.json"))
 IN_PROCESS = [s for s in ALL if s not in SDXL and s not in FRONTEND]
