@@ -21,12 +21,13 @@ LONGEST_FIRST = (
     "test_sdxl.py",                    # 344 s
     "test_nodes_restoration.py",       # 328 s
     "test_frontend.py",                # 279 s
+    "test_frontend_newest.py",         # about 250 s (alone: 437 s beside another browser run and a bench)
     "test_fresh_machine.py",           # 230 s
     "test_quantized.py",               # 220 s (measured on 1 process, 2 threads: 185 s)
     "test_flow.py",                    # 158 s
     "test_nodes_inversion.py",         # 149 s
     "test_nodes_editing.py",           # 145 s
-    "test_nodes_decoder_inversion.py", # 141 s
+    "test_nodes_decoder_inversion.py", # 200 s (141 s before the decoder_memory test)
     "test_core_decoder_inversion.py",  # 118 s
     "test_nodes_comfy.py",             # 73 s
     "test_headless_batch.py",          # 57 s
