@@ -9,7 +9,8 @@
 - ``checks``: widget, latent, image, mask and conditioning checks;
 - ``vae``: VaeCodec (decoder inversion) and LatentCodec (posterior samplers);
 - ``attention``: prompt tokens and attention patches for prompt-to-prompt and MasaCtrl;
-- ``guider``: EditGuider, ProxEdit as a GUIDER.
+- ``guider``: EditGuider, ProxEdit as a GUIDER;
+- ``server``: the pack's example workflows listed in reading order by ComfyUI's template route.
 
 The node modules import this package and nothing else of ComfyUI (besides comfy_api's V3 schema).
 
