@@ -104,3 +104,68 @@ def flowedit(predictor: NoisePredictor, x_src: Tensor, grid: TimestepGrid, src: 
         if callback is not None:
             callback(i, T, out)
     return x_edit if x_tar is None else x_tar
+
+
+# ------------------------------------------------------------------------------------------------
+# RF-Inversion (Rout et al., ICLR 2025, "Semantic Image Inversion and Editing using Rectified
+# Stochastic Differential Equations"): controlled ODEs (the authors' diffusers community pipeline
+# pipeline_flux_rf_inversion.py; defaults gamma 0.5, eta 0.9 over the first quarter of the steps)
+
+
+def to_flow(z: Tensor, abar: float) -> Tensor:
+    """The flow latent x of a DDPM latent z at level abar: x = z (1 - s) / sqrt(abar)."""
+    return z * ((1.0 - flow_time(abar)) / math.sqrt(abar))
+
+
+def rf_invert(predictor: NoisePredictor, x0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
+              guidance: float = 1.0, gamma: float = 0.5, y1: Optional[Tensor] = None,
+              generator: Optional[torch.Generator] = None, callback: StepCallback = None) -> Tensor:
+    """The controlled forward ODE (RF-Inversion eq. 8, Algorithm 1) from the clean latent x0 up the
+    grid (clean to noisy): u_hat = v + gamma ((y1 - x) / (1 - s) - v), x <- x + (s_next - s) u_hat,
+    where (y1 - x) / (1 - s) is the straight-line velocity toward the noise sample y1 (drawn from
+    ``generator`` unless given). v is evaluated as DDIM inversion does (the current latent, the next
+    level's timestep), so gamma 0 is DDIM (= Euler) inversion, and gamma 1 lands on the straight line
+    (1 - s) x0 + s y1. Returns the latent at the grid's noisiest level (flow coordinates)."""
+    ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
+    x = x0.float()
+    if y1 is None:
+        y1 = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    for i in range(1, len(ts)):
+        s, s_next = flow_time(ab[i - 1]), flow_time(ab[i])
+        v = velocity(predictor, x, ts[i], ab[i - 1], cond, uncond, guidance)
+        u = v + gamma * ((y1 - x) / (1.0 - s) - v) if gamma else v
+        x = x + (s_next - s) * u
+        if callback is not None:
+            callback(i - 1, grid.steps, x)
+    return x
+
+
+def rf_eta_schedule(steps: int, eta: float, start: int, stop: int) -> list[float]:
+    """eta at each sampling step: ``eta`` for start <= i < stop, 0 elsewhere (the pipeline's
+    start_timestep/stop_timestep times the steps)."""
+    return [eta if start <= i < stop else 0.0 for i in range(steps)]
+
+
+def rf_sample(predictor: NoisePredictor, x_T: Tensor, grid: TimestepGrid, y0: Tensor, cond: Any, uncond: Any = None,
+              guidance: float = 1.0, eta: Any = 0.9, start: int = 0, stop: Optional[int] = None,
+              callback: StepCallback = None) -> Tensor:
+    """The controlled reverse ODE (RF-Inversion eq. 15, Algorithm 2) down the grid from x_T:
+    v_hat = v + eta_i ((x - y0) / s - v), x <- x + (s_next - s) v_hat, where (x - y0) / s is the
+    straight-line velocity from the reference image latent y0 (its guidance pulls the sample toward
+    y0's structure while the target prompt drives v). eta_i is ``eta`` on steps [start, stop)
+    (default stop: a quarter of the steps, as the authors' 7 of 28) or a per-step list. eta 0 is
+    DDIM (= Euler) sampling; eta 1 on every step returns y0 exactly."""
+    T = grid.steps
+    if isinstance(eta, (int, float)):
+        eta = rf_eta_schedule(T, float(eta), start, T // 4 if stop is None else stop)
+    x = x_T.float()
+    for i in range(T):
+        a = grid.alphas_cumprod[i]
+        s, s_next = flow_time(a), flow_time(grid.alphas_cumprod[i + 1])
+        v = velocity(predictor, x, grid.timesteps[i], a, cond, uncond, guidance)
+        if eta[i]:
+            v = v + eta[i] * ((x - y0) / s - v)
+        x = x + (s_next - s) * v
+        if callback is not None:
+            callback(i, T, x)
+    return x

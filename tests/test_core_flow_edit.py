@@ -108,3 +108,34 @@ def test_model_calls_and_bad_arguments():
     assert pred.calls == 4 * 2 * 2 + 2
     with pytest.raises(ValueError, match="n_min <= n_max"):
         fe.flowedit(pred, x_src, grid, "src", "tar", n_max=9)
+
+
+def test_rf_inversion_gamma_zero_is_ddim_inversion_and_gamma_moves_toward_the_noise():
+    from comfyui_inverse.core.ddim import ddim_invert
+
+    pred, grid, means, x_src = _setup(10)
+    y1 = torch.randn(x_src.shape, generator=torch.Generator().manual_seed(7))
+    ddim = ddim_invert(pred, x_src, grid, "src").trajectory[-1]
+    x0 = fe.rf_invert(pred, x_src, grid, "src", gamma=0.0, y1=y1)
+    assert torch.allclose(x0, fe.to_flow(ddim, grid.alphas_cumprod[0]), atol=1e-5, rtol=1e-5)
+    dist = [float((fe.rf_invert(pred, x_src, grid, "src", gamma=g, y1=y1) - y1).norm()) for g in (0.0, 0.3, 0.6, 1.0)]
+    assert dist == sorted(dist, reverse=True) and dist[0] > 2 * dist[-1], dist
+    s_T = fe.flow_time(grid.alphas_cumprod[0])  # gamma 1: the straight line to y1, exactly (Euler is exact there)
+    line = fe.rf_invert(pred, x_src, grid, "src", gamma=1.0, y1=y1)
+    assert torch.allclose(line, (1 - s_T) * x_src + s_T * y1, atol=1e-5)
+
+
+def test_rf_sampling_eta_zero_is_ddim_and_eta_one_returns_the_reference():
+    from comfyui_inverse.core.ddim import ddim_sample
+
+    pred, grid, means, x_src = _setup(10)
+    a_T = grid.alphas_cumprod[0]
+    x_T = fe.to_flow(torch.randn(x_src.shape, generator=torch.Generator().manual_seed(2)) / math.sqrt(a_T), a_T)
+    z_T = x_T * math.sqrt(a_T) / (1 - fe.flow_time(a_T))
+    plain = fe.rf_sample(pred, x_T, grid, x_src, "tar", eta=0.0)
+    assert torch.allclose(plain, ddim_sample(pred, z_T, grid, "tar")[-1], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fe.rf_sample(pred, x_T, grid, x_src, "tar", eta=1.0, stop=10), x_src, atol=1e-5)
+    # eta over the first quarter pulls the target sample toward the reference's structure
+    guided = fe.rf_sample(pred, x_T, grid, x_src, "tar", eta=0.9)
+    assert float((guided - x_src).norm()) < float((plain - x_src).norm())
+    assert fe.rf_eta_schedule(8, 0.9, 0, 2) == [0.9, 0.9, 0, 0, 0, 0, 0, 0]
