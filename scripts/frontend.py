@@ -126,20 +126,23 @@ class Frontend:
 
     def close_dialogs(self) -> list[str]:
         """Closes every open dialog and error card; returns their texts. (The pinned frontend names
-        missing models in a dialog; newer ones in an error card over the canvas's top right.)"""
+        missing models in a dialog; newer ones in an error card over the canvas's top right.) Read
+        and closed in one page script per round, so a dialog closing itself meanwhile is no error."""
         texts = []
         for _ in range(8):
-            dialogs = self.page.locator(".p-dialog:visible, [role=dialog]:visible")
-            cards = self.page.locator('[data-testid="error-overlay"]:visible')
-            if dialogs.count():  # modal dialogs first: their overlay takes the clicks
-                texts += [d.inner_text() for d in dialogs.all()]
-                self.page.keyboard.press("Escape")
-            elif cards.count():
-                texts += [c.inner_text() for c in cards.all()]
-                for card in cards.all():
-                    card.locator('[data-testid="error-overlay-dismiss"]').first.click()
-            else:
+            found = self.page.evaluate("""() => {
+              const shown = (e) => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden';
+              const dialogs = [...document.querySelectorAll('.p-dialog, [role=dialog]')].filter(shown);
+              if (dialogs.length) return {kind: 'dialog', texts: dialogs.map(e => e.innerText)};
+              const cards = [...document.querySelectorAll('[data-testid="error-overlay"]')].filter(shown);
+              for (const c of cards) c.querySelector('[data-testid="error-overlay-dismiss"]')?.click();
+              return {kind: cards.length ? 'card' : null, texts: cards.map(e => e.innerText)};
+            }""")
+            if found["kind"] is None:
                 break
+            texts += found["texts"]
+            if found["kind"] == "dialog":  # modal dialogs first: their overlay takes the clicks
+                self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(300)
         return texts
 

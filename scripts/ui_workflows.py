@@ -164,8 +164,9 @@ STAGE_OF = {
 }
 GROUP_COLORS = ["#3f789e", "#8A8", "#b06634", "#a1309b"]
 NODE_W = 260
-MIN_H = {"SaveImage": 270, "CLIPTextEncode": 100, "PreviewAny": 100, "InversePromptToPrompt": 380,
-         "LoadImage": 326}  # LoadImage: with its preview, which a small image may not show yet when measured
+MIN_H = {"SaveImage": 270, "CLIPTextEncode": 100, "PreviewAny": 150, "InversePromptToPrompt": 380,
+         "LoadImage": 326}  # LoadImage: with its preview, which a small image may not show yet when measured;
+# PreviewAny: room for a report's first lines under newer frontends' plain/markdown toggle
 GAP_X, GAP_Y, TITLE_H, PAD, GROUP_TITLE = 36, 16, 30, 16, 44
 MAX_COLUMN_H = 1000
 NOTE_SIZE = (NODE_W, 250)

@@ -36,6 +36,7 @@ def fe(request):
     with frontend.FrontendSession(comfy_host.COMFYUI_PATH, comfy_host.testbed_checkpoint().parent,
                                   comfy_host.ROOT / "workflows" / "input", (comfy_host.HOST_NODES,),
                                   comfy_host.host_nodes_env(), version=request.module.VERSION) as f:
+        f.version = request.module.VERSION
         f.blocked = f.blocked_cells()
         f.canvas = f.canvas_rect()
         yield f
@@ -124,8 +125,8 @@ def test_ui_workflow_loads_converts_and_reads_clearly(fe, stem):
     rects = [n["bounding"] for n in snap["nodes"]] + [g["bounding"] for g in snap["groups"]]
     assert ui_workflows.fits(rects, snap["scale"], snap["offset"], fe.canvas, fe.blocked, frontend.BLOCK_STEP), \
         f"part of the graph is off screen or under a panel at the saved view (scale {snap['scale']})"
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    fe.screenshot(SHOTS / f"{stem}.png")
+    (SHOTS / fe.version).mkdir(parents=True, exist_ok=True)
+    fe.screenshot(SHOTS / fe.version / f"{stem}.png")
 
 
 def _set_shrunk(fe, stem) -> dict:
