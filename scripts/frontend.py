@@ -74,7 +74,7 @@ _SNAPSHOT_JS = """() => {
   const links = g.links instanceof Map ? [...g.links.values()] : Object.values(g.links || {});
   const ds = window.app.canvas.ds;
   const rect = window.app.canvasEl.getBoundingClientRect();
-  const num = v => (typeof v === 'string' && /^-?\d+$/.test(v)) ? Number(v) : v;  // newer frontends: string ids
+  const num = v => (typeof v === 'string' && /^-?\\d+$/.test(v)) ? Number(v) : v;  // newer frontends: string ids
   return {
     scale: ds.scale, offset: [ds.offset[0], ds.offset[1]],
     canvas: [rect.left, rect.top, rect.width, rect.height],
