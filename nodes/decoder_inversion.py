@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..core import decoder_inversion as di
 from . import comfy as glue
 from .plot import plot_curves
-from .schema import advanced
+from .schema import advanced, decoder_memory_inputs
 from .types import CATEGORY
 
 DI_METHODS = list(di.METHODS)
@@ -53,22 +53,17 @@ class DecoderInversion(io.ComfyNode):
                                         tooltip="auto: the VAE's own dtype through ComfyUI's VAE (tiles when memory "
                                                 "runs out); fp16/bf16/fp32: a private copy of the VAE in that "
                                                 "precision. The latent is always float32.")),
-                advanced(io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
-                                        tooltip="gradient_based only (the gradient-free methods keep no graph): "
-                                                "autograd memory of the decoder. tiled: images larger than "
-                                                "tile_size decode as the fewest equal overlapping tiles, one at a "
-                                                "time, recomputed in the backward pass, so the peak is one tile's "
-                                                "(an SD VAE at 1024 px: about a seventh of full; the seams are "
-                                                "feathered, so the objective is the tiled decoder's, while the "
-                                                "reported error is the whole decoder's); images within one tile "
-                                                "decode whole, exactly. full: the whole decoder's graph (SD VAE, "
-                                                "16 bit: about 3 GB at 512 px, 12 GB at 1024 px). checkpoint: "
-                                                "the whole decoder, recomputed in the backward pass.")),
-                advanced(io.Int.Input("tile_size", default=64, min=16, max=256, step=8,
-                                      tooltip="Largest tile side in latent pixels for decoder_memory tiled (64 = "
-                                              "512 px with an SD VAE: 512 px images decode whole, 1024 px ones as "
-                                              "3 x 3 tiles of 384 px).")),
-            ],
+            ] + decoder_memory_inputs(
+                glue.DECODER_MEMORY, 64,
+                "gradient_based only (the gradient-free methods keep no graph): autograd memory of the decoder. "
+                "tiled: images larger than tile_size decode as the fewest equal overlapping tiles, one at a time, "
+                "recomputed in the backward pass, so the peak is one tile's (an SD VAE at 1024 px: about a seventh of "
+                "full; the seams are feathered, so the objective is the tiled decoder's, while the reported error is "
+                "the whole decoder's); images within one tile decode whole, exactly. full: the whole decoder's graph "
+                "(SD VAE, 16 bit: about 3 GB at 512 px, 12 GB at 1024 px). checkpoint: the whole decoder, recomputed "
+                "in the backward pass.",
+                "Largest tile side in latent pixels for decoder_memory tiled (64 = 512 px with an SD VAE: 512 px "
+                "images decode whole, 1024 px ones as 3 x 3 tiles of 384 px)."),
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The inverted latent."),
                 io.Image.Output(display_name="convergence_plot", tooltip="Residual and reconstruction error per iteration."),

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..core import operators as ops
 from ..core import restoration as rs
 from . import comfy as glue
-from .schema import advanced
+from .schema import advanced, decoder_memory_inputs
 from .types import CATEGORY, Operator
 
 
@@ -199,20 +199,16 @@ def _p2l_inputs() -> list:
 
 def _decoder_inputs() -> list:
     """How the decoder's autograd memory is bounded."""
-    return [
-        advanced(io.Combo.Input("decoder_memory", options=list(glue.DECODER_MEMORY), default="tiled",
-                                tooltip="Autograd memory of the decoder: tiled (the image is cut into the fewest equal "
-                                        "overlapping tiles no larger than tile_size, decoded one at a time and "
-                                        "recomputed in the backward pass, so the peak is that of one tile whatever the "
-                                        "image size), checkpoint (recompute the whole decoder in the backward pass: "
-                                        "holds less between steps but peaks like full), full (fastest, most memory). "
-                                        "The output image is always decoded whole, as VAE Decode does.")),
-        advanced(io.Int.Input("tile_size", default=40, min=16, max=256, step=8,
-                              tooltip="Largest tile side in latent pixels for decoder_memory 'tiled' (40 = 320 px: a "
-                                      "512x512 image decodes as 4 tiles of 280 px, about a third of the memory of a "
-                                      "whole decode; images up to 320 px decode whole). Seams are feathered over "
-                                      "an eighth of the tile.")),
-    ]
+    return decoder_memory_inputs(
+        glue.DECODER_MEMORY, 40,
+        "Autograd memory of the decoder: tiled (the image is cut into the fewest equal overlapping tiles no larger "
+        "than tile_size, decoded one at a time and recomputed in the backward pass, so the peak is that of one tile "
+        "whatever the image size), checkpoint (recompute the whole decoder in the backward pass: holds less between "
+        "steps but peaks like full), full (fastest, most memory). The output image is always decoded whole, as VAE "
+        "Decode does.",
+        "Largest tile side in latent pixels for decoder_memory 'tiled' (40 = 320 px: a 512x512 image decodes as 4 "
+        "tiles of 280 px, about a third of the memory of a whole decode; images up to 320 px decode whole). Seams are "
+        "feathered over an eighth of the tile.")
 
 
 def _restore_inputs() -> list:

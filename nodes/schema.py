@@ -20,3 +20,10 @@ def advanced(inp: InputT) -> InputT:
     else:
         inp.extra_dict = {**(inp.extra_dict or {}), "advanced": True}
     return inp
+
+
+def decoder_memory_inputs(options: list[str], tile_default: int, memory_tip: str, tile_tip: str) -> list[io.Input]:
+    """The advanced ``decoder_memory`` (``options``: tiled first, the default) and ``tile_size``
+    inputs of the nodes that back-propagate through a VAE decoder (Restore, Decoder Inversion)."""
+    return [advanced(io.Combo.Input("decoder_memory", options=list(options), default="tiled", tooltip=memory_tip)),
+            advanced(io.Int.Input("tile_size", default=tile_default, min=16, max=256, step=8, tooltip=tile_tip))]
