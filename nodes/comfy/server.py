@@ -17,8 +17,10 @@ TEMPLATE_PATHS = ("/workflow_templates", "/api/workflow_templates")
 
 def sorted_templates(listing: dict, ours: set[str]) -> dict:
     """``listing`` ({pack folder: [workflow names]}) with every list made of exactly our workflow
-    names sorted (the pack's folder name depends on how it was installed, its files do not)."""
-    return {k: sorted(v) if isinstance(v, list) and set(v) == ours else v for k, v in listing.items()}
+    names sorted, each name once (the pack's folder name depends on how it was installed, its files
+    do not; two copies of the pack under one folder name in two custom_nodes folders would list each
+    name twice, though ComfyUI serves one of them)."""
+    return {k: sorted(set(v)) if isinstance(v, list) and set(v) == ours else v for k, v in listing.items()}
 
 
 def serve_templates_in_order(workflows_dir: Path) -> bool:
