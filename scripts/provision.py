@@ -375,7 +375,10 @@ def provision(deps: str = "run", want_host: bool = True, env=os.environ) -> tupl
         sys.path.insert(0, str(ROOT / "scripts"))
         import frontend  # scripts/: which frontends the browser tests run
 
-        install_frontend(python, frontend.NEWEST, env)
+        try:
+            install_frontend(python, frontend.NEWEST, env)
+        except ProvisionError as exc:  # offline: every other test still runs; test_frontend_newest says why it cannot
+            log(f"warning: {exc}; the newest-frontend browser tests cannot run")
     elif deps != "none":
         ensure_torch(python, env)
     return host, python
