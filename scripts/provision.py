@@ -371,6 +371,8 @@ def provision(deps: str = "run", want_host: bool = True, env=os.environ) -> tupl
         reqs.append(ROOT / "requirements-test.txt")
     if reqs:
         install_requirements(python, reqs, env)
+    elif deps != "none":
+        ensure_torch(python, env)
     if deps == "test" and host is not None:
         sys.path.insert(0, str(ROOT / "scripts"))
         import frontend  # scripts/: which frontends the browser tests run
@@ -379,8 +381,6 @@ def provision(deps: str = "run", want_host: bool = True, env=os.environ) -> tupl
             install_frontend(python, frontend.NEWEST, env)
         except ProvisionError as exc:  # offline: every other test still runs; test_frontend_newest says why it cannot
             log(f"warning: {exc}; the newest-frontend browser tests cannot run")
-    elif deps != "none":
-        ensure_torch(python, env)
     return host, python
 
 
