@@ -20,6 +20,22 @@ Tensor = torch.Tensor
 VAE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+DECODER_MEMORY = ("tiled", "checkpoint", "full")
+
+
+def check_decoder_memory(memory: str) -> None:
+    if memory not in DECODER_MEMORY:
+        raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
+
+
+def decode_with_memory(decode, z: Tensor, memory: str, tile: int) -> Tensor:
+    """``decode(z)`` with the autograd memory of ``memory`` (core/tiling.py's decode_bounded): tiles
+    of at most ``tile`` latent pixels feathered over an eighth of the tile for "tiled", the whole
+    decoder recomputed in the backward pass for "checkpoint", everything kept for "full"."""
+    tile = tile if memory == "tiled" else 0
+    return decode_bounded(decode, z, tile=tile, overlap=max(1, tile // 8), checkpoint=memory != "full")
+
+
 class VaeCodec:
     """Encoder and decoder callables over ComfyUI IMAGE tensors ([B, H, W, C] in [0, 1]) and raw
     VAE latents (a LATENT's "samples"), for core/decoder_inversion.py.
@@ -34,8 +50,7 @@ class VaeCodec:
     def __init__(self, vae, precision: str = "auto", memory: str = "full", tile: int = 64):
         if precision != "auto" and precision not in VAE_PRECISIONS:
             raise InverseInputError(f"precision: choose auto, {', '.join(VAE_PRECISIONS)}.")
-        if memory not in DECODER_MEMORY:
-            raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
+        check_decoder_memory(memory)
         self.vae = vae
         self.precision = precision
         self.memory, self.tile = memory, int(tile)
@@ -68,9 +83,8 @@ class VaeCodec:
         "tiled" decodes tiles of at most ``tile`` latent pixels one at a time, each recomputed in the
         backward pass; a latent within one tile decodes plainly, exactly."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        tile = self.tile if self.memory == "tiled" else 0
-        out = decode_bounded(lambda zt: self.net.decode(zt.to(self.device, self.dtype)).float(), z, tile=tile,
-                             overlap=max(1, tile // 8), checkpoint=self.memory != "full")
+        out = decode_with_memory(lambda zt: self.net.decode(zt.to(self.device, self.dtype)).float(), z, self.memory,
+                                 self.tile)
         return ((out + 1.0) / 2.0).movedim(1, -1).to(z.device)
 
     @contextlib.contextmanager
@@ -78,9 +92,6 @@ class VaeCodec:
         with torch.inference_mode(False), torch.enable_grad():
             make_autograd_safe(self.net)
             yield
-
-
-DECODER_MEMORY = ("tiled", "checkpoint", "full")
 
 
 def vae_downscale(vae) -> int:
@@ -100,8 +111,7 @@ class LatentCodec:
     every activation. :meth:`decode_output` gives the final image through ComfyUI's own decode."""
 
     def __init__(self, vae, model, memory: str = "tiled", tile: int = 40):
-        if memory not in DECODER_MEMORY:
-            raise InverseInputError(f"decoder_memory: choose one of {', '.join(DECODER_MEMORY)}.")
+        check_decoder_memory(memory)
         self.vae = vae
         self.latent_format = model.get_model_object("latent_format")
         self.memory, self.tile = memory, int(tile)
@@ -118,9 +128,7 @@ class LatentCodec:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.calls += 1
         raw = self.latent_format.process_out(z.float())
-        tile = self.tile if self.memory == "tiled" else 0
-        return decode_bounded(self._decode_raw, raw, tile=tile, overlap=max(1, tile // 8),
-                              checkpoint=self.memory != "full").to(z.device)
+        return decode_with_memory(self._decode_raw, raw, self.memory, self.tile).to(z.device)
 
     def decode_output(self, z: Tensor) -> Tensor:
         """The final image exactly as ComfyUI's VAE Decode makes it (whole, with ComfyUI's own
