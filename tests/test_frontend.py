@@ -65,25 +65,32 @@ def test_template_browser_lists_the_workflows_in_reading_order(fe):
     assert len(shown) >= 12 and shown == ui_files[:len(shown)], shown
 
 
-@pytest.mark.parametrize("stem", STEMS)
-def test_ui_workflow_loads_converts_and_reads_clearly(fe, stem):
-    ui, dialogs, snap = _load(fe, stem)
-    api = json.loads((comfy_host.ROOT / "workflows" / "api" / f"{stem}.json").read_text())
+def check_loaded_as_saved(snap: dict, ui: dict) -> dict:
+    """The graph the frontend loaded is the file's: every node type known to the frontend, every node
+    and link kept, every widget value what the file says. Returns the loaded nodes by id."""
     nodes = {n["id"]: n for n in snap["nodes"]}
-    # every node type known to the frontend, every node and link kept
     assert [n["type"] for n in snap["nodes"] if not n["registered"]] == []
-    assert sorted(nodes) == sorted(n["id"] for n in ui["nodes"])
+    assert {i: n["type"] for i, n in nodes.items()} == {n["id"]: n["type"] for n in ui["nodes"]}
     kept = {(l["id"], l["origin_id"], l["origin_slot"], l["target_id"], l["target_slot"]) for l in snap["links"]}
     assert kept == {tuple(l[:5]) for l in ui["links"]}
     for n in snap["nodes"]:
         for i in n["inputs"]:
             assert i["link"] is None or any(l["id"] == i["link"] and l["target_id"] == n["id"] for l in snap["links"])
-    # widget values: what the file says, valid for each widget
     for saved in ui["nodes"]:
         n = nodes[saved["id"]]
-        widgets = [w for w in n["widgets"] if w["name"] not in frontend.DISPLAY_ONLY]
-        values = [w["value"] for w in widgets]
+        values = [w["value"] for w in n["widgets"] if w["name"] not in frontend.DISPLAY_ONLY]
         assert values == saved.get("widgets_values", []), f"node {n['id']} {n['title']}: the frontend changed its widgets"
+    return nodes
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_ui_workflow_loads_converts_and_reads_clearly(fe, stem):
+    ui, dialogs, snap = _load(fe, stem)
+    api = json.loads((comfy_host.ROOT / "workflows" / "api" / f"{stem}.json").read_text())
+    nodes = check_loaded_as_saved(snap, ui)
+    # widget values valid for each widget
+    for saved in ui["nodes"]:
+        n = nodes[saved["id"]]
         for w in n["widgets"]:
             if w["name"] in frontend.NOT_VALUES:
                 continue

@@ -13,7 +13,8 @@ from support import comfy_host
 from support import workflow_runs
 # the same browser tests (the fixture ``fe`` reads this module's VERSION); the queue test is this
 # module's own: every model family and kind of graph here, every node type on the pinned frontend
-from test_frontend import (STEMS, check_queues, fe, test_template_browser_lists_the_workflows_in_reading_order,  # noqa: F401
+from test_frontend import (STEMS, check_loaded_as_saved, check_queues, fe,  # noqa: F401
+                           test_template_browser_lists_the_workflows_in_reading_order,
                            test_ui_workflow_loads_converts_and_reads_clearly)
 
 VERSION = frontend.NEWEST
@@ -45,14 +46,7 @@ def test_ui_workflows_load_with_vue_nodes(fe):
             ui = json.loads(ui_workflows.ui_file(stem).read_text())
             fe.load(ui)
             fe.page.wait_for_timeout(400)
-            snap = fe.snapshot()
             assert fe.vue_node_count() == len(ui["nodes"]), stem
-            nodes = {n["id"]: n for n in snap["nodes"]}
-            assert {i: n["type"] for i, n in nodes.items()} == {n["id"]: n["type"] for n in ui["nodes"]}, stem
-            kept = {(l["id"], l["origin_id"], l["origin_slot"], l["target_id"], l["target_slot"]) for l in snap["links"]}
-            assert kept == {tuple(l[:5]) for l in ui["links"]}, stem
-            for saved in ui["nodes"]:
-                values = [w["value"] for w in nodes[saved["id"]]["widgets"] if w["name"] not in frontend.DISPLAY_ONLY]
-                assert values == saved.get("widgets_values", []), f"{stem}: node {saved['id']} {saved.get('title')}"
+            check_loaded_as_saved(fe.snapshot(), ui)
     finally:
         fe.set_setting("Comfy.VueNodes.Enabled", False)
