@@ -85,7 +85,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                        env=env)
     if r.returncode != 0:
@@ -100,6 +100,8 @@ def main(argv=None):
     ap.add_argument("--testbed", type=int, default=0, metavar="N",
                     help="the trained testbed's TAESD-format decoder on N held-out 48 px images (one batch) "
                          "instead of TAEF2 on photos")
+    ap.add_argument("--methods", default=None, help="a comma list of methods (encoder and METHODS' names); all if omitted")
+    ap.add_argument("--protocols", default="known_latent,real_photo", help="known_latent and/or real_photo")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -114,10 +116,15 @@ def main(argv=None):
     if args.testbed:
         model, size, photos = "testbed", args.testbed, ["heldout"]
     runs = [(m, "fp32") for m in ["encoder", *METHODS]]
+    if args.methods:
+        unknown = set(args.methods.split(",")) - {m for m, _ in runs}
+        if unknown:
+            sys.exit(f"--methods: unknown {sorted(unknown)}; choose from encoder, {', '.join(METHODS)}")
+        runs = [r for r in runs if r[0] in args.methods.split(",")]
     if not args.testbed:  # half precision on this CPU is emulated; the testbed protocol measures float32
         runs += [("gradient_free_adam", "fp16"), ("gradient_based", "fp16")]
     results = {"model": model, "size": size, "photos": photos, "checkpoints": checkpoints, "runs": {}}
-    for protocol in ("known_latent", "real_photo"):
+    for protocol in args.protocols.split(","):
         for method, precision in runs:
             key = f"{protocol}/{method}/{precision}"
             per_photo = [run_worker({"model": model, "method": method, "precision": precision, "photo": ph, "size": size,

@@ -34,7 +34,7 @@ import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support pac
 CLASS_SWAPS = {7: 5, 5: 7, 9: 7, 0: 6, 6: 0, 2: 4, 4: 2}
 
 
-def testbed_protocol(count: int, steps: int, methods) -> dict:
+def testbed_protocol(count: int, steps: int, methods, kinds=("colour", "class")) -> dict:
     """ProxEdit's claim on the trained testbed: for the first ``count`` held-out items, a colour swap
     (colour + 3 of the six: red -> green, orange -> blue, ...) and, for the classes with a similar
     shape, a class swap; per method: edit success (measured colour / the classifier's class),
@@ -54,7 +54,7 @@ def testbed_protocol(count: int, steps: int, methods) -> dict:
                 ("colour", items, bed.prompts(items, colours=colour_new), {"want_colour": colour_new}),
                 ("class", swap_items, bed.prompts(swap_items, classes=class_new),
                  {"want_class": class_new, "classifier": bed.classifier})):
-            if not idx:
+            if not idx or kind not in kinds:
                 continue
             t0 = time.perf_counter()
             edited, source = bed.edit(idx, targets, method, steps)
@@ -78,13 +78,14 @@ def main(argv=None):
                     help="only the trained testbed's protocol, on its first N held-out items (README: 100)")
     ap.add_argument("--methods", default=",".join(("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")),
                     help="testbed: the editing methods (tests/support/testbed_runs.py Testbed.edit)")
+    ap.add_argument("--kinds", default="colour,class", help="testbed: which edits, colour swaps and/or class swaps")
     args = ap.parse_args(argv)
     from support import comfy_host
 
     if args.testbed:
         if not comfy_host.HOST_FOUND:
             sys.exit(comfy_host.MISSING_REASON)
-        res = testbed_protocol(args.testbed, 20 if args.quick else 50, args.methods.split(","))
+        res = testbed_protocol(args.testbed, 20 if args.quick else 50, args.methods.split(","), args.kinds.split(","))
         print(json.dumps(res))
         return
 

@@ -56,7 +56,7 @@ class Coords:
 class FlowPredictor:
     """A :class:`~.protocols.NoisePredictor` (DDPM coordinates) over a flow model given as its
     Tweedie denoiser ``denoise(x, s, cond) -> x0`` (x0 = x - s v), on the DDPM sigma table
-    ``sigmas`` (one per integer timestep)."""
+    ``sigmas`` (one per integer timestep; a :class:`~.schedule.Level` carries its own sigma)."""
 
     def __init__(self, denoise, sigmas: Tensor):
         self.denoise, self.sigmas = denoise, sigmas.double()
@@ -65,7 +65,8 @@ class FlowPredictor:
 
     def __call__(self, z: Tensor, t: int, conds) -> Tensor:
         self.calls += 1
-        sigma = float(self.sigmas[int(t)])
+        sigma = getattr(t, "sigma", None)
+        sigma = float(self.sigmas[int(t)]) if sigma is None else float(sigma)
         x = z * self.coords.x_scale(sigma)
         s = self.coords.level(sigma)
         return torch.stack([self.coords.eps(x, self.denoise(x, s, c), sigma) for c in conds])

@@ -33,27 +33,26 @@ import torch
 
 from .protocols import NoisePredictor, StepCallback
 from .schedule import TimestepGrid
-from .steps import guided_eps, predicted_x0
+from .steps import flow_time, to_flow, velocity  # noqa: F401  (to_flow: this family's API)
 
 Tensor = torch.Tensor
 
 
-def flow_time(abar: float) -> float:
-    """The flow time s of DDPM level abar: sigma / (1 + sigma) with sigma = sqrt((1 - abar) / abar)
-    (core/flow.py's Coords; abar 1 is s 0)."""
-    sigma = math.sqrt(max(1.0 - abar, 0.0) / abar)
-    return sigma / (1.0 + sigma)
-
-
-def velocity(predictor: NoisePredictor, x: Tensor, t: int, abar: float, cond: Any, uncond: Any = None,
-             guidance: float = 1.0) -> Tensor:
-    """The rectified-flow velocity v = eps - x0 at flow latent ``x`` of level abar (flow time s):
-    z = x sqrt(abar) / (1 - s) is the DDPM latent, eps its (classifier-free guided) noise and x0
-    Tweedie's estimate (DDIM eq. 12); float32."""
-    s = flow_time(abar)
-    z = x * (math.sqrt(abar) / (1.0 - s))
-    eps = guided_eps(predictor, z, t, cond, uncond, guidance).float()
-    return eps - predicted_x0(z, eps, abar)
+def feather_mask(mask: Tensor, radius: float) -> Tensor:
+    """A mask [B, 1, h, w] feathered inward over about ``radius`` latent pixels: the smaller of the
+    mask and its Gaussian blur (std radius / 2), so it stays exactly 0 wherever the mask is 0 (the
+    source is kept there bit for bit) and ramps up from the edge inside it."""
+    if radius <= 0:
+        return mask
+    std = radius / 2.0
+    k = int(math.ceil(3 * std))
+    w = torch.exp(-0.5 * (torch.arange(-k, k + 1, dtype=torch.float32, device=mask.device) / std) ** 2)
+    w = w / w.sum()
+    m = mask.float()
+    pad = torch.nn.functional.pad(m, (k, k, k, k), mode="replicate")
+    blur = torch.nn.functional.conv2d(pad, w.view(1, 1, 1, -1))
+    blur = torch.nn.functional.conv2d(blur, w.view(1, 1, -1, 1))
+    return torch.minimum(m, blur)
 
 
 def _blend(x: Tensor, keep: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -112,32 +111,31 @@ def flowedit(predictor: NoisePredictor, x_src: Tensor, grid: TimestepGrid, src: 
 # pipeline_flux_rf_inversion.py; defaults gamma 0.5, eta 0.9 over the first quarter of the steps)
 
 
-def to_flow(z: Tensor, abar: float) -> Tensor:
-    """The flow latent x of a DDPM latent z at level abar: x = z (1 - s) / sqrt(abar)."""
-    return z * ((1.0 - flow_time(abar)) / math.sqrt(abar))
-
-
 def rf_invert(predictor: NoisePredictor, x0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
               guidance: float = 1.0, gamma: float = 0.5, y1: Optional[Tensor] = None,
-              generator: Optional[torch.Generator] = None, callback: StepCallback = None) -> Tensor:
+              generator: Optional[torch.Generator] = None, callback: StepCallback = None,
+              return_path: bool = False) -> "Tensor | list[Tensor]":
     """The controlled forward ODE (RF-Inversion eq. 8, Algorithm 1) from the clean latent x0 up the
     grid (clean to noisy): u_hat = v + gamma ((y1 - x) / (1 - s) - v), x <- x + (s_next - s) u_hat,
     where (y1 - x) / (1 - s) is the straight-line velocity toward the noise sample y1 (drawn from
     ``generator`` unless given). v is evaluated as DDIM inversion does (the current latent, the next
     level's timestep), so gamma 0 is DDIM (= Euler) inversion, and gamma 1 lands on the straight line
-    (1 - s) x0 + s y1. Returns the latent at the grid's noisiest level (flow coordinates)."""
+    (1 - s) x0 + s y1. Returns the latent at the grid's noisiest level (flow coordinates), or with
+    ``return_path`` the latent at every level, clean first (what :func:`rf_sample` keeps outside a mask)."""
     ts, ab = grid.timesteps[::-1], grid.alphas_cumprod[::-1]
     x = x0.float()
     if y1 is None:
         y1 = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    path = [x]
     for i in range(1, len(ts)):
         s, s_next = flow_time(ab[i - 1]), flow_time(ab[i])
         v = velocity(predictor, x, ts[i], ab[i - 1], cond, uncond, guidance)
         u = v + gamma * ((y1 - x) / (1.0 - s) - v) if gamma else v
         x = x + (s_next - s) * u
+        path.append(x)
         if callback is not None:
             callback(i - 1, grid.steps, x)
-    return x
+    return path if return_path else x
 
 
 def rf_eta_schedule(steps: int, eta: float, start: int, stop: int) -> list[float]:
@@ -148,14 +146,19 @@ def rf_eta_schedule(steps: int, eta: float, start: int, stop: int) -> list[float
 
 def rf_sample(predictor: NoisePredictor, x_T: Tensor, grid: TimestepGrid, y0: Tensor, cond: Any, uncond: Any = None,
               guidance: float = 1.0, eta: Any = 0.9, start: int = 0, stop: Optional[int] = None,
-              callback: StepCallback = None) -> Tensor:
+              callback: StepCallback = None, mask: Optional[Tensor] = None,
+              keep: Optional[list] = None) -> Tensor:
     """The controlled reverse ODE (RF-Inversion eq. 15, Algorithm 2) down the grid from x_T:
     v_hat = v + eta_i ((x - y0) / s - v), x <- x + (s_next - s) v_hat, where (x - y0) / s is the
     straight-line velocity from the reference image latent y0 (its guidance pulls the sample toward
     y0's structure while the target prompt drives v). eta_i is ``eta`` on steps [start, stop)
     (default stop: a quarter of the steps, as the authors' 7 of 28) or a per-step list. eta 0 is
-    DDIM (= Euler) sampling; eta 1 on every step returns y0 exactly."""
+    DDIM (= Euler) sampling; eta 1 on every step returns y0 exactly. With a ``mask`` (1 = edit,
+    0 = keep) every step is blended with ``keep`` (the flow latents of every level in sampling order,
+    e.g. :func:`rf_invert`'s path reversed), so where the mask is 0 the result is keep[-1] exactly."""
     T = grid.steps
+    if mask is not None and (keep is None or len(keep) != T + 1):
+        raise ValueError("a mask needs the latents to keep at every level of the grid")
     if isinstance(eta, (int, float)):
         eta = rf_eta_schedule(T, float(eta), start, T // 4 if stop is None else stop)
     x = x_T.float()
@@ -166,6 +169,8 @@ def rf_sample(predictor: NoisePredictor, x_T: Tensor, grid: TimestepGrid, y0: Te
         if eta[i]:
             v = v + eta[i] * ((x - y0) / s - v)
         x = x + (s_next - s) * v
+        if mask is not None:
+            x = _blend(x, keep[i + 1].to(x), mask)
         if callback is not None:
             callback(i, T, x)
     return x

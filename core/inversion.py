@@ -45,6 +45,7 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import torch
 
 from .ddim import ddim_invert, ddim_sample
+from .flow_solvers import SOLVERS as FLOW_SOLVERS, flow_invert, flow_sample
 from .protocols import NoisePredictor, StepCallback
 from .result import InversionResult, StepReport
 from .schedule import TimestepGrid
@@ -474,6 +475,9 @@ SOLVERS = {
     "gradient_descent": solve_gradient_descent,
 }
 
+#: every method :func:`invert` takes: DDIM, the implicit-step solvers and the flow solvers
+METHODS = ("ddim", *SOLVERS, *FLOW_SOLVERS)
+
 #: the solvers that need only forward model calls and beat DDIM in bench/inversion.py: the ones a
 #: SAMPLER offers (RNRI and gradient descent need gradients through the model, which a GUIDER
 #: cannot give; rnri_jacobian_free is often worse than DDIM)
@@ -512,10 +516,13 @@ def iterative_invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, 
 def invert(predictor: NoisePredictor, z0: Tensor, grid: TimestepGrid, cond: Any, uncond: Any = None,
            guidance: float = 1.0, method: str = "ddim", cfg: Optional[SolverConfig] = None,
            callback: StepCallback = None, grad_context: GradContext = torch.enable_grad) -> InversionResult:
-    """DDIM inversion (``method`` "ddim", RNRI eq. 4) or :func:`iterative_invert` with a solver of
-    :data:`SOLVERS`: the one entry point of the deterministic inversions."""
+    """DDIM inversion (``method`` "ddim", RNRI eq. 4), :func:`iterative_invert` with a solver of
+    :data:`SOLVERS`, or a second-order flow solver of :data:`FLOW_SOLVERS` (RF-Solver, FireFlow;
+    core/flow_solvers.py): the one entry point of the deterministic inversions."""
     if method == "ddim":
         return ddim_invert(predictor, z0, grid, cond, uncond, guidance, callback)
+    if method in FLOW_SOLVERS:
+        return flow_invert(predictor, z0, grid, cond, uncond, guidance, method, callback)
     return iterative_invert(predictor, z0, grid, cond, uncond, guidance, method, cfg, callback, grad_context)
 
 
@@ -658,7 +665,8 @@ def sample_from_inversion(predictor: NoisePredictor, result: InversionResult, co
                           mask: Optional[Tensor] = None, make_uncond: Optional[Callable[[Tensor], Any]] = None,
                           ) -> list[Tensor]:
     """Sample from an inversion the way its method requires: DDPM noise maps for "ddpm", the
-    per-step optimised null embeddings for "null_text" (through ``make_uncond``), otherwise
+    per-step optimised null embeddings for "null_text" (through ``make_uncond``), the same
+    second-order solver for "rf_solver" and "fireflow" (core/flow_solvers.py), otherwise
     deterministic DDIM. With a mask, the region where it is 0 keeps the inversion's latents."""
     keep = result.trajectory[::-1]
     grid = result.grid
@@ -671,5 +679,8 @@ def sample_from_inversion(predictor: NoisePredictor, result: InversionResult, co
         per_step = [make_uncond(e) for e in result.extras["null_embeddings"]]
         return ddim_sample(predictor, keep[start_step], grid, cond, per_step, guidance, callback, start_step,
                            mask, keep if mask is not None else None)
+    if result.method in FLOW_SOLVERS:
+        return flow_sample(predictor, keep[start_step], grid, cond, uncond, guidance, result.method, callback,
+                           start_step, mask, keep if mask is not None else None)
     return ddim_sample(predictor, keep[start_step], grid, cond, uncond, guidance, callback, start_step,
                        mask, keep if mask is not None else None)

@@ -19,6 +19,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
+from .schedule import level_abar
+
 Tensor = torch.Tensor
 
 
@@ -37,7 +39,7 @@ class MixturePrior:
 class GaussianMixtureDenoiser:
     """Exact eps for a Gaussian-mixture latent prior, one prior per conditioning handle.
 
-    ``alphas_cumprod`` maps a model timestep to abar. Conditioning handles are dictionary keys;
+    ``alphas_cumprod`` maps a model timestep to abar (a :class:`~.schedule.Level` carries its own). Conditioning handles are dictionary keys;
     a handle may also be a :class:`MixturePrior` itself (so that a test can differentiate
     with respect to a prior mean, the analogue of a text embedding).
     """
@@ -68,7 +70,7 @@ class GaussianMixtureDenoiser:
     def __call__(self, z: Tensor, t: int, conds: Sequence[Any]) -> Tensor:
         self.calls += 1
         self.evaluations += len(conds)
-        abar = float(self.alphas_cumprod[int(t)])
+        abar = level_abar(t, self.alphas_cumprod)
         return torch.stack([self.eps(z, abar, self._prior(c)) for c in conds])
 
 

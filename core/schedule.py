@@ -81,6 +81,34 @@ def timestep_spacing(steps: int, num_train_timesteps: int = 1000, spacing: str =
     return ts
 
 
+class Level(int):
+    """A model timestep ``t`` (an int, as the :class:`~.protocols.NoisePredictor` protocol takes it;
+    arithmetic on it gives plain ints) that carries the exact DDPM ``sigma`` the model is to be
+    evaluated at. Predictors evaluate a Level at its ``sigma`` (:func:`level_abar`), whatever their
+    own table holds at index ``t``; so a solver can call the model between two grid levels (the
+    midpoint of RF-Solver and FireFlow, core/flow_solvers.py) and a grid can carry levels that are
+    on no table (a SIGMAS input; the ComfyUI glue's grids are made of Levels)."""
+
+    sigma: float
+
+    def __new__(cls, t: int, sigma: float):
+        level = super().__new__(cls, int(t))
+        level.sigma = float(sigma)
+        return level
+
+    def __reduce__(self):
+        return Level, (int(self), self.sigma)
+
+
+def level_abar(t, alphas_cumprod) -> float:
+    """The abar a predictor evaluates timestep ``t`` at: 1 / (1 + sigma^2) for a :class:`Level`,
+    else ``alphas_cumprod[t]``."""
+    sigma = getattr(t, "sigma", None)
+    if sigma is not None:
+        return 1.0 / (1.0 + float(sigma) ** 2)
+    return float(alphas_cumprod[int(t)])
+
+
 @dataclass(frozen=True)
 class TimestepGrid:
     """The levels a deterministic sampler visits, in sampling order.

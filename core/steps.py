@@ -8,6 +8,10 @@ Models", eq. 12 and 16; written as in the RNRI paper, Hong et al., ../shared/pap
 with psi(a) = sqrt(1/a - 1) and dpsi(a_t) = psi(a_t) - psi(a_{t-1}). Both are the same map between
 two noise levels for a given eps (:func:`ddim_step`); they differ only in where eps is evaluated.
 
+Any model is also a rectified flow in other coordinates (core/flow.py): :func:`flow_time`,
+:func:`to_flow` and :func:`velocity` give its flow time, flow latent and velocity v = eps - x0, which
+FlowEdit, RF-Inversion (core/flow_edit.py), RF-Solver and FireFlow (core/flow_solvers.py) step with.
+
 The inversion (core/inversion.py, core/ddim.py), editing (core/proxedit.py) and restoration
 (core/restoration.py) families import these; none of them imports another family. Coefficients are
 computed in float64 (Python floats).
@@ -92,3 +96,29 @@ def apply_noise_map(mean: Tensor, sigma: float, noise_map: Tensor) -> Tensor:
     m = f64(mean)
     x = m + (sigma if sigma > 0 else 1.0) * noise_map.to(m.device, torch.float64)
     return x.to(mean.device, mean.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# the rectified-flow view of any model (core/flow.py): flow time, flow latent and velocity
+
+def flow_time(abar: float) -> float:
+    """The flow time s of DDPM level abar: sigma / (1 + sigma) with sigma = sqrt((1 - abar) / abar)
+    (core/flow.py's Coords; abar 1 is s 0)."""
+    sigma = math.sqrt(max(1.0 - abar, 0.0) / abar)
+    return sigma / (1.0 + sigma)
+
+
+def velocity(predictor: NoisePredictor, x: Tensor, t: int, abar: float, cond: Any, uncond: Any = None,
+             guidance: float = 1.0) -> Tensor:
+    """The rectified-flow velocity v = eps - x0 at flow latent ``x`` of level abar (flow time s):
+    z = x sqrt(abar) / (1 - s) is the DDPM latent, eps its (classifier-free guided) noise and x0
+    Tweedie's estimate (DDIM eq. 12); float32."""
+    s = flow_time(abar)
+    z = x * (math.sqrt(abar) / (1.0 - s))
+    eps = guided_eps(predictor, z, t, cond, uncond, guidance).float()
+    return eps - predicted_x0(z, eps, abar)
+
+
+def to_flow(z: Tensor, abar: float) -> Tensor:
+    """The flow latent x of a DDPM latent z at level abar: x = z (1 - s) / sqrt(abar)."""
+    return z * ((1.0 - flow_time(abar)) / math.sqrt(abar))

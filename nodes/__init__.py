@@ -7,6 +7,7 @@ from .comfy.server import serve_templates_in_order
 
 from .decoder_inversion import NODES as DECODER_INVERSION_NODES
 from .editing import NODES as EDITING_NODES
+from .flow_edit import NODES as FLOW_EDIT_NODES
 from .inversion import NODES as INVERSION_NODES
 from .restoration import NODES as RESTORATION_NODES
 
@@ -20,5 +21,5 @@ class InverseExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         serve_templates_in_order(WORKFLOWS)  # ComfyUI 0.3.64 does not call on_load yet
-        return (list(INVERSION_NODES) + list(EDITING_NODES) + list(DECODER_INVERSION_NODES)
+        return (list(INVERSION_NODES) + list(EDITING_NODES) + list(FLOW_EDIT_NODES) + list(DECODER_INVERSION_NODES)
                 + list(RESTORATION_NODES))

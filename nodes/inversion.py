@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..core import flow_solvers
 from ..core import inversion as inv
 from ..core.result import InversionResult
 from ..core.schedule import SPACINGS
@@ -172,7 +173,7 @@ class DDIMInversion(io.ComfyNode):
         return _outputs(model, src.run(run), positive, negative)
 
 
-EXACT_METHODS = list(inv.SOLVERS)
+EXACT_METHODS = [*inv.SOLVERS, *inv.FLOW_SOLVERS]
 
 
 class ExactInversion(io.ComfyNode):
@@ -180,7 +181,7 @@ class ExactInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InverseExactInversion",
-            display_name="Exact Inversion (Anderson / Newton-Krylov / RNRI / fixed-point)",
+            display_name="Exact Inversion (Anderson / Newton-Krylov / RNRI / FireFlow / RF-Solver)",
             category=SUB,
             description=("Inverts by solving DDIM's implicit inversion equation z = f(z) at every step instead "
                          "of approximating it (RNRI paper eq. 3). anderson (default, the most accurate per model "
@@ -191,7 +192,12 @@ class ExactInversion(io.ComfyNode):
                          "f(z^k) by their score; often worse than DDIM, and the most sensitive to the weights: on a "
                          "Q8_0 copy of a model its result moves 2.4x as far as DDIM's or anderson's); gradient_descent: ExactDPM-style. "
                          "Per image, each step stops early once the residual is below the tolerance and returns "
-                         "its best iterate, never worse than DDIM inversion's; the report lists the residuals."),
+                         "its best iterate, never worse than DDIM inversion's; the report lists the residuals. "
+                         "fireflow (Deng et al. 2024; steps + 1 model calls) and rf_solver (Wang et al. 2024; 2 calls "
+                         "per step) are second-order flow ODE solvers instead (the explicit midpoint rule in flow "
+                         "time, on any model): they do not solve DDIM's equation, and Sample from Inversion samples "
+                         "their results back with the same solver (iterations, tolerance, lambda_prior and krylov "
+                         "are not used)."),
             inputs=_source_inputs() + [
                 io.Combo.Input("method", options=EXACT_METHODS, default="anderson",
                                tooltip="Solver for each step's implicit equation (see the description)."),
@@ -201,7 +207,8 @@ class ExactInversion(io.ComfyNode):
                                               "rnri_jacobian_free: iterations (the authors' n_iters, 2); rnri and "
                                               "gradient_descent: iterations forward and backward passes (one CFG branch "
                                               "at a time, so memory stays that of one branch's graph) plus 2 forward; "
-                                              "newton_krylov: 2 + iterations x (krylov + 1).")),
+                                              "newton_krylov: 2 + iterations x (krylov + 1). Not used by fireflow "
+                                              "(steps + 1 calls in all) and rf_solver (2 per step).")),
                 advanced(io.Float.Input("tolerance", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-6,
                                         tooltip="Stop an image's step once its mean|z - f(z)| is below this (not used "
                                                 "by rnri_jacobian_free, as in the authors' code).")),
@@ -420,9 +427,9 @@ class SampleFromInversion(io.ComfyNode):
         return io.NodeOutput({"samples": glue.run_with_predictor(model, conds, shape, run)})
 
 
-#: DDIM inversion and the solvers of inv.SOLVERS that need only forward calls (RNRI and gradient
-#: descent need gradients through the GUIDER, which a SAMPLER cannot ask for)
-SAMPLER_METHODS = ["ddim", *inv.FORWARD_SOLVERS]
+#: DDIM inversion, the solvers of inv.SOLVERS that need only forward calls (RNRI and gradient
+#: descent need gradients through the GUIDER, which a SAMPLER cannot ask for) and the flow solvers
+SAMPLER_METHODS = ["ddim", *inv.FORWARD_SOLVERS, *inv.FLOW_SOLVERS]
 
 
 def _sampler_inversion(method: str, iterations: int, tolerance: float, krylov: int):
@@ -442,19 +449,23 @@ class DDIMInversionSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InverseSamplerDDIMInversion",
-            display_name="Inversion Sampler (DDIM / Anderson / Newton-Krylov)",
+            display_name="Inversion Sampler (DDIM / Anderson / Newton-Krylov / FireFlow)",
             category=SUB,
             description=("A SAMPLER for SamplerCustomAdvanced that inverts instead of denoising: it runs the "
                          "inversion backwards from the input latent over the SIGMAS (either order; they must reach "
                          "0) using the connected GUIDER's prediction, and returns the noise latent. method ddim is "
                          "DDIM inversion; anderson, newton_krylov and fixed_point solve each step's implicit "
-                         "equation exactly (as the Exact Inversion node). Use it with DisableNoise; sample the "
-                         "result back with the ddim or euler sampler on the same sigmas."),
+                         "equation exactly (as the Exact Inversion node); fireflow and rf_solver are second-order flow "
+                         "solvers. Use it with DisableNoise; sample the result back on the same sigmas with the ddim "
+                         "or euler sampler, or, after fireflow or rf_solver, with the Flow Solver Sampler and the same "
+                         "method."),
             inputs=[
                 io.Combo.Input("method", options=SAMPLER_METHODS, default="ddim", optional=True,
                                tooltip="ddim: one model call per step; anderson (3 calls per step at 2 "
                                        "iterations): far closer reconstructions; newton_krylov: more calls, most "
-                                       "robust at few steps and high guidance."),
+                                       "robust at few steps and high guidance; fireflow (steps + 1 calls) and "
+                                       "rf_solver (2 per step): second order, sample back with the Flow Solver "
+                                       "Sampler."),
                 advanced(io.Int.Input("iterations", default=2, min=0, max=100, optional=True,
                                       tooltip="Exact solvers: most updates per step (model calls per step: iterations + "
                                               "1; newton_krylov: 2 + iterations x (krylov + 1)).")),
@@ -474,5 +485,35 @@ class DDIMInversionSampler(io.ComfyNode):
         return io.NodeOutput(glue.make_inversion_sampler(_sampler_inversion(method, iterations, tolerance, krylov)))
 
 
+class FlowSolverSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InverseSamplerFlowSolver",
+            display_name="Flow Solver Sampler (FireFlow / RF-Solver)",
+            category=SUB,
+            description=("A SAMPLER for SamplerCustomAdvanced (or SamplerCustom) that samples with a second-order "
+                         "flow ODE solver: FireFlow (Deng et al. 2024; one model call per step plus one) or "
+                         "RF-Solver (Wang et al. 2024; two per step), the explicit midpoint rule in flow time, on "
+                         "any model (SD1.x/SDXL through the flow view of their noise prediction). It samples back "
+                         "what the Inversion Sampler inverted with the same method. The SIGMAS must end at 0."),
+            inputs=[
+                io.Combo.Input("method", options=list(inv.FLOW_SOLVERS), default="fireflow",
+                               tooltip="fireflow: reuses the previous step's midpoint velocity (steps + 1 model "
+                                       "calls); rf_solver: evaluates it afresh (2 calls per step)."),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, method="fireflow") -> io.NodeOutput:
+        glue.check_widgets(cls, locals())
+
+        def sample(predictor, z_T, grid, callback):
+            return flow_solvers.flow_sample(predictor, z_T, grid, None, method=method, callback=callback)
+
+        return io.NodeOutput(glue.make_solver_sampler(sample))
+
+
 NODES = [DDIMInversion, ExactInversion, NegativePromptInversion, NullTextInversion, DDPMInversion,
-         SampleFromInversion, DDIMInversionSampler]
+         SampleFromInversion, DDIMInversionSampler, FlowSolverSampler]

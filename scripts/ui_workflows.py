@@ -150,6 +150,30 @@ MANIFEST = [
      "sneaker with ProxEdit and a prompt-to-prompt word swap.",
      "the target prompt's colour (red, orange, yellow, green, blue, purple) or item (t-shirt, trousers, pullover, "
      "dress, coat, sandal, shirt, sneaker, bag, ankle boot), with the same word in the source prompt"),
+    ("flux_flowedit", "Flux - FlowEdit word edit (no inversion)",
+     "Flux dev: FlowEdit edits the photo toward the target prompt without inverting it: over the last 24 of 28 steps "
+     "it follows the difference of the target and source velocities on noised copies of the photo (the paper's Flux "
+     "settings: guidance 1.5 -> 5.5, embedded).",
+     "the photo, source and target prompts, n_max (fewer: closer to the photo), target_guidance (the edit strength)"),
+    ("flux_flowedit_masked", "Flux - masked FlowEdit",
+     "FlowEdit restricted to a mask (here the lower half, the suit): outside it the latent is the photo's exactly; "
+     "the edit is feathered in over 2 latent pixels inside its edge.",
+     "the mask (paint one on the photo: right-click Load Image, Open in MaskEditor, and connect its MASK), the prompts"),
+    ("sd35_flowedit_guider", "SD3.5 - FlowEdit as GUIDER and SAMPLER",
+     "SD3.5: FlowEdit in ComfyUI's SamplerCustomAdvanced: the FlowEdit Guider (prompts, guidance 3.5 -> 13.5 with "
+     "CFG) and the FlowEdit Sampler (the last 33 of BasicScheduler's 50 steps edit), seeded by RandomNoise. "
+     "SetLatentNoiseMask on the photo's latent would restrict the edit to a mask.",
+     "the photo, source and target prompts, n_max, the scheduler's steps"),
+    ("flux_rf_inversion_stylize", "Flux - RF-Inversion stylization",
+     "Flux dev: RF-Inversion inverts the photo with the controlled forward ODE (gamma 0.5) and samples the target "
+     "prompt with the controlled reverse ODE (eta 0.9 over the first 7 of 28 steps): a watercolour of the same "
+     "layout.",
+     "the photo, the target prompt (the style), eta and stop (more: closer to the photo), gamma"),
+    ("sd35_fireflow_reconstruct", "SD3.5 - FireFlow inversion and reconstruction",
+     "SD3.5: FireFlow, a second-order flow solver (29 model calls for 28 steps), inverts the photo and samples it "
+     "back, once with the pack's nodes and once in ComfyUI's SamplerCustomAdvanced with the Inversion Sampler and "
+     "the Flow Solver Sampler on the inversion's sigmas; the two agree.",
+     "the photo, the prompt, method (fireflow or rf_solver) in all three places, steps"),
 ]
 
 STAGE_OF = {
@@ -159,6 +183,9 @@ STAGE_OF = {
     "InverseDDIMInversion": 1, "InverseExactInversion": 1, "InverseNegativePromptInversion": 1,
     "InverseNullTextInversion": 1, "InverseDDPMInversion": 1, "InverseDecoderInversion": 1,
     "InverseSampleFromInversion": 2, "InverseProxEdit": 2, "InverseMasaCtrl": 2, "InverseProxEditGuider": 2,
+    "SolidMask": 0, "MaskComposite": 0,
+    "InverseFlowEdit": 2, "InverseRFInversion": 2, "InverseFlowEditGuider": 2, "InverseFlowEditSampler": 2,
+    "BasicScheduler": 2, "RandomNoise": 2, "InverseSamplerDDIMInversion": 1, "InverseSamplerFlowSolver": 2,
     "KSamplerSelect": 2, "CFGGuider": 2, "BasicGuider": 2, "DisableNoise": 2, "SamplerCustomAdvanced": 2, "InverseRestore": 2,
     "VAEDecode": 3, "SaveImage": 3, "PreviewAny": 3, "ImageBatch": 3,
 }
@@ -184,7 +211,8 @@ def _stage_titles(prompt: dict) -> list[str]:
     types = {n["class_type"] for n in prompt.values()}
     if "InverseRestore" in types:
         return ["Load: model, photo, prompt", "Degrade (makes the test input)", "Restore", "Save"]
-    if types & {"InverseProxEdit", "InverseProxEditGuider"}:
+    if types & {"InverseProxEdit", "InverseProxEditGuider", "InverseFlowEdit", "InverseFlowEditGuider",
+                 "InverseRFInversion"}:
         return ["Load: model, photo, prompts", "Encode and invert", "Edit", "Decode and save"]
     if types == types & {"CheckpointLoaderSimple", "LoadImage", "ImageScale", "VAEEncode", "InverseDecoderInversion",
                          "VAEDecode", "SaveImage"}:

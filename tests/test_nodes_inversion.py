@@ -73,6 +73,42 @@ def test_exact_solvers_as_a_sampler_match_the_exact_inversion_node():
     assert _rel(_latents(out, "anderson_rec"), z0) < 0.5 * _rel(_latents(out, "ddim_rec"), z0)
 
 
+def test_flow_solvers_as_samplers_match_the_nodes():
+    """FireFlow and RF-Solver (issue 23) through SamplerCustomAdvanced: the Inversion Sampler inverts
+    exactly like the Exact Inversion node, and the Flow Solver Sampler samples back exactly like
+    Sample from Inversion, which samples a FireFlow result with FireFlow; each in the model calls the
+    method promises (steps + 1, 2 x steps)."""
+    for method in ("fireflow", "rf_solver"):
+        prompt = comfy_host.api_workflow("invert_and_reconstruct", size=64, steps=6)
+        _tap(prompt, "6", 0, "z0")
+        prompt["30"] = {"class_type": "InverseExactInversion",
+                        "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent": ["6", 0],
+                                   "steps": 6, "guidance": 1.0, "spacing": "auto", "method": method,
+                                   "iterations": 2, "tolerance": 1e-4, "lambda_prior": 0.1, "adjust_rounds": 0}}
+        _tap(prompt, "30", 1, "noise_node")
+        prompt["34"] = {"class_type": "InverseSampleFromInversion",
+                        "inputs": {"model": ["1", 0], "positive": ["2", 0], "inversion": ["30", 0],
+                                   "negative": ["3", 0], "guidance": 1.0, "skip_steps": 0}}
+        _tap(prompt, "34", 0, "rec_node")
+        prompt["31"] = {"class_type": "InverseSamplerDDIMInversion", "inputs": {"method": method}}
+        prompt["32"] = _custom_sampler(sampler=["31", 0], sigmas=["30", 2], latent_image=["6", 0])
+        _tap(prompt, "32", 0, "noise_sampler")
+        prompt["35"] = {"class_type": "InverseSamplerFlowSolver", "inputs": {"method": method}}
+        prompt["33"] = _custom_sampler(sampler=["35", 0], sigmas=["30", 2], latent_image=["32", 0])
+        _tap(prompt, "33", 0, "rec_sampler")
+        prompt["36"] = _custom_sampler(sampler=["11", 0], sigmas=["30", 2], latent_image=["32", 0])
+        _tap(prompt, "36", 0, "rec_euler")
+        executor, server, outputs = comfy_host.run_prompt(prompt)
+        assert executor.success, [d for e, d in executor.status_messages if e == "execution_error"]
+        out = comfy_host._state["out_dir"]
+        z0 = _latents(out, "z0")
+        assert _rel(_latents(out, "noise_sampler"), _latents(out, "noise_node")) < 1e-4, method
+        assert _rel(_latents(out, "rec_sampler"), _latents(out, "rec_node")) < 1e-4, method
+        assert _rel(_latents(out, "noise_node"), z0) > 1.0  # noise, not the image
+        # the same solver both ways reconstructs; a first-order sampler after it does not as well
+        assert _rel(_latents(out, "rec_node"), z0) < _rel(_latents(out, "rec_euler"), z0), method
+
+
 def test_batches_and_masks_are_honoured(glue, core, loaded):
     """A batch of two inverts like two single runs; with a mask, sampling with another prompt
     leaves the unmasked region of every step on the inversion trajectory."""

@@ -21,6 +21,7 @@ from support import comfy_host, workflow_runs
 comfy_host.skip_module_without_host()
 
 # the same checks as the SD1.5 tests (test_nodes_*.py), given another model
+from support.integration import (_encode, check_flow_edit_nodes)  # noqa: E402
 from support.integration import (_invert_and_sample, _prox, _rel, check_ddpm_inversion_reconstructs_exactly,  # noqa: E402
                                  check_guider_reproduces_the_proxedit_node)
 
@@ -154,3 +155,12 @@ def test_proxedit_at_maximum_threshold_is_the_exact_reconstruction_on_sdxl(pack,
 
 def test_guider_reproduces_the_proxedit_node_on_sdxl(pack, sdxl):
     check_guider_reproduces_the_proxedit_node(pack, sdxl)
+
+
+def test_flow_edit_nodes_on_sdxl(pack, sdxl):
+    """FlowEdit (node and GUIDER/SAMPLER pair) and RF-Inversion on SDXL through the flow view of its
+    noise prediction (issue 23): the same checks as on SD3, Flux and SD1.5 (test_nodes_flow_edit.py)."""
+    model, clip, vae, pos, neg = sdxl
+    with torch.inference_mode():
+        tar = clip.encode_from_tokens_scheduled(clip.tokenize("a photograph of a red robot"))
+    check_flow_edit_nodes(pack, model, pos, tar, neg, _encode(sdxl, 13), guidance=(3.5, 7.5))

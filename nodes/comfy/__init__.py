@@ -4,12 +4,14 @@
 - ``schedule``: model checks, timestep grids <-> SIGMAS, GridLevel, latent conventions (Coords);
 - ``predictor``: ComfyNoisePredictor (MODEL + named CONDITIONINGs), Cond, PromptLayout, KDiffusionPredictor;
 - ``autograd``: inference tensors made differentiable, SavedTensorGuard (copy-on-write for in-place models);
-- ``sampler``: run_with_predictor (core loops inside CFGGuider.sample) and the inversion KSAMPLER;
+- ``sampler``: run_with_predictor (core loops inside CFGGuider.sample), the inversion KSAMPLER and the
+  sampling KSAMPLER of a core loop (make_solver_sampler);
 - ``progress``: ProgressReporter, the progress bar and cancel point;
 - ``checks``: widget, latent, image, mask and conditioning checks;
 - ``vae``: VaeCodec (decoder inversion) and LatentCodec (posterior samplers);
 - ``attention``: prompt tokens and attention patches for prompt-to-prompt and MasaCtrl;
-- ``guider``: EditGuider, ProxEdit as a GUIDER;
+- ``guider``: EditGuider (ProxEdit as a GUIDER), NamedCondGuider and make_guider_sampler (FlowEdit as a
+  GUIDER/SAMPLER pair);
 - ``server``: the pack's example workflows listed in reading order by ComfyUI's template route.
 
 The node modules import this package and nothing else of ComfyUI (besides comfy_api's V3 schema).
@@ -64,14 +66,14 @@ from .schedule import (model_sampling_of, FLOW_MAX_S, is_flow_model, check_diffu
                        model_timesteps, comfy_sigma_table, model_compute_dtype, model_sigma_table, usable_timesteps,
                        model_alphas_cumprod, default_spacing, make_grid, GridLevel, level_sigma, grid_from_sigmas,
                        grid_level_sigmas, grid_sigmas, abar_sigma, to_comfy_latent, from_comfy_latent,
-                       to_start_latent, to_latent_output)  # noqa: F401
+                       to_start_latent, to_latent_output, guidance_embedded, with_guidance)  # noqa: F401
 from .autograd import (IN_PLACE_MODULES, adds_in_place, SavedTensorGuard, make_autograd_safe)  # noqa: F401
 from .predictor import (cond_embedding, Cond, PromptLayout, ComfyNoisePredictor, KDiffusionPredictor)  # noqa: F401
-from .sampler import (run_with_predictor, make_inversion_sampler)  # noqa: F401
+from .sampler import (run_with_predictor, make_inversion_sampler, make_solver_sampler)  # noqa: F401
 from .progress import (ProgressReporter)  # noqa: F401
 from .vae import (VAE_PRECISIONS, VaeCodec, DECODER_MEMORY, vae_downscale, LatentCodec)  # noqa: F401
 from .checks import (check_widgets, check_finite, model_latent_channels, check_latent_for_model, latent_batch,
                      check_image, encode_image, latent_mask, check_cond_batch)  # noqa: F401
 from .attention import (prompt_tokens, word_tokens, dit_blocks, attention_layers, masactrl_start_layer,
                         with_attention_control, image_self_attention_blocks)  # noqa: F401
-from .guider import (EditGuider)  # noqa: F401
+from .guider import (EditGuider, NamedCondGuider, make_guider_sampler)  # noqa: F401

@@ -1,4 +1,6 @@
-"""A GUIDER that runs one core/ edit step per model evaluation (ProxEdit under SamplerCustomAdvanced)."""
+"""GUIDERs over core/ loops: EditGuider runs one core/ edit step per model evaluation (ProxEdit under
+SamplerCustomAdvanced); NamedCondGuider and make_guider_sampler make a GUIDER/SAMPLER pair whose
+SAMPLER runs a whole core loop over the GUIDER's named conditionings (FlowEdit)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import comfy.samplers
 from ...core.proxedit import ddim_x0_for
 from .errors import InverseInputError
 from .predictor import ComfyNoisePredictor
-from .schedule import coords_of, grid_sigmas
+from .schedule import check_diffusion_model, grid_from_sigmas, grid_sigmas, coords_of
 
 
 class EditGuider(comfy.samplers.CFGGuider):
@@ -55,3 +57,51 @@ class EditGuider(comfy.samplers.CFGGuider):
         z = x.float() / self.coords.x_scale(self.coords.ddpm_sigma(sigma))
         z_next = self.step(predictor, self._device_result, z, i)
         return ddim_x0_for(z, z_next, ab[i], ab[i + 1]).to(x.dtype)
+
+
+class NamedCondGuider(comfy.samplers.CFGGuider):
+    """A GUIDER that carries named CONDITIONINGs (e.g. source, target, negative) and settings for a
+    SAMPLER made by :func:`make_guider_sampler` with the same ``kind``; with any other sampler it
+    refuses with the fix, as it has no single prediction to give."""
+
+    def __init__(self, model, conds: Mapping[str, Any], kind: str, settings: Mapping[str, Any]):
+        super().__init__(model)
+        self.inner_set_conds(dict(conds))
+        self.kind = kind
+        self.settings = dict(settings)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        raise InverseInputError(f"sampler: the {self.kind} Guider runs only with the {self.kind} Sampler; connect that "
+                                f"SAMPLER to SamplerCustomAdvanced.")
+
+
+def make_guider_sampler(kind: str, run: Callable) -> comfy.samplers.Sampler:
+    """A SAMPLER for a :class:`NamedCondGuider` of the same ``kind``: it calls ``run(predictor,
+    guider_settings, z, grid, mask, seed, callback)`` with a ComfyNoisePredictor over the guider's
+    named conditionings, the input latent in model space (ComfyUI's process_latent_in, DDPM = flow
+    coordinates at the clean level), the SIGMAS as a grid (they must end at 0), the latent's noise
+    mask resized to the latent (SetLatentNoiseMask; None without one) and the noise input's seed,
+    and returns the clean latent ``run`` returns."""
+
+    class _GuiderSampler(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            if not isinstance(model_wrap, NamedCondGuider) or model_wrap.kind != kind:
+                raise InverseInputError(f"guider: the {kind} Sampler needs the {kind} Guider; connect it to "
+                                        f"SamplerCustomAdvanced's guider input.")
+            check_diffusion_model(model_wrap.model_patcher)
+            grid = grid_from_sigmas(model_wrap.model_patcher, sigmas)
+            predictor = ComfyNoisePredictor(model_wrap, extra_args["model_options"])
+            z = latent_image.float().to(predictor.device)
+            mask = None
+            if denoise_mask is not None:
+                mask = denoise_mask.float().to(z.device)[:, :1]
+                mask = mask.expand(z.shape[0], 1, *z.shape[2:]) if mask.shape[0] == 1 else mask
+
+            def cb(i, total, x):
+                if callback is not None:
+                    callback(i, x, x, total)
+
+            return run(predictor, model_wrap.settings, z, grid, mask, int(extra_args.get("seed") or 0), cb)
+
+    return _GuiderSampler()

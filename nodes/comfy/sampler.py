@@ -1,6 +1,6 @@
 """Running core/ loops inside ComfyUI's sampling machinery: run_with_predictor (a SAMPLER that a
-CFGGuider runs, so patches, hooks and memory management apply) and the inversion KSAMPLER for
-SamplerCustomAdvanced."""
+CFGGuider runs, so patches, hooks and memory management apply), the inversion KSAMPLER and the
+core-sampling KSAMPLER for SamplerCustomAdvanced."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import comfy.samplers
 
 from .errors import InverseInputError
 from .predictor import ComfyNoisePredictor, KDiffusionPredictor
-from .schedule import (check_diffusion_model, coords_of, grid_from_sigmas, model_compute_dtype, model_sampling_of,
-                       model_sigma_table, to_comfy_latent, to_start_latent)
+from .schedule import (check_diffusion_model, coords_of, from_comfy_latent, grid_from_sigmas, model_compute_dtype,
+                       model_sampling_of, model_sigma_table, to_comfy_latent, to_start_latent)
 
 
 class _PredictorGuider(comfy.samplers.CFGGuider):
@@ -77,3 +77,29 @@ def make_inversion_sampler(invert: Callable) -> comfy.samplers.KSAMPLER:
             return to_start_latent(traj[-1], grid.alphas_cumprod[0], coords)
 
     return _InversionKSampler(None)
+
+
+def make_solver_sampler(sample: Callable) -> comfy.samplers.KSAMPLER:
+    """A KSAMPLER that samples with a core loop, ``sample(predictor, z_T, grid, callback)`` returning
+    the trajectory in sampling order (e.g. core/flow_solvers.py's ``flow_sample``), over the connected
+    SIGMAS, which must end at 0. It starts where ComfyUI's samplers start (the noised latent, or the
+    latent itself with DisableNoise) and sees the denoiser ComfyUI gives every sampler, so a denoise
+    mask (inpainting) and the model's patches apply."""
+
+    def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        patcher = model.inner_model.model_patcher
+        check_diffusion_model(patcher)
+        grid = grid_from_sigmas(patcher, sigmas)
+        coords = coords_of(patcher)
+        predictor = KDiffusionPredictor(model, extra_args or {}, model_sigma_table(patcher), coords,
+                                        model_compute_dtype(patcher))
+
+        def cb(i, total, z):
+            if callback is not None:
+                xi = to_comfy_latent(z, grid.alphas_cumprod[i + 1], coords)
+                callback({"i": i, "x": xi, "denoised": xi, "sigma": sigmas[i], "sigma_hat": sigmas[i]})
+
+        traj = sample(predictor, from_comfy_latent(x.float(), grid.alphas_cumprod[0], coords), grid, cb)
+        return to_comfy_latent(traj[-1], grid.alphas_cumprod[-1], coords).to(x.dtype)
+
+    return comfy.samplers.KSAMPLER(sampler_function)

@@ -34,6 +34,20 @@ def is_flow_model(model) -> bool:
         ms, (comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.ModelSamplingFlux))
 
 
+def guidance_embedded(model) -> bool:
+    """A model that reads its guidance scale as an input (Flux dev's guidance embedding, set by
+    FluxGuidance as the conditioning's ``guidance``) instead of classifier-free guidance."""
+    params = getattr(getattr(model.model, "diffusion_model", None), "params", None)
+    return bool(getattr(params, "guidance_embed", False))
+
+
+def with_guidance(cond, guidance: float):
+    """A CONDITIONING with its embedded guidance scale set (what FluxGuidance does)."""
+    import node_helpers
+
+    return node_helpers.conditioning_set_values(cond, {"guidance": float(guidance)})
+
+
 def check_diffusion_model(model, input_name: str = "model") -> None:
     """Reject models that are neither discrete-time epsilon/v-prediction diffusion models nor
     flow-matching models with a discrete-flow or Flux schedule."""
@@ -144,23 +158,12 @@ def make_grid(model, steps: int, spacing: str = "auto") -> TimestepGrid:
                         tuple(float(ac[t]) for t in ts) + (1.0,))
 
 
-class GridLevel(int):
-    """A grid's timestep: the model timestep ``t`` (an int, as core/ and the NoisePredictor protocol
-    use it; arithmetic on it gives plain ints) that carries the grid's exact level ``sigma``, the
-    DDPM sigma whose abar = 1 / (1 + sigma^2) the grid steps with. The predictors evaluate the model
-    at ``sigma`` (:func:`level_sigma`), so the level a model is called at is always the level the
-    step is taken at, whatever the model's own table holds at index ``t`` (another shift) and
-    whether or not ``sigma`` is on that table at all (a SIGMAS input)."""
-
-    sigma: float
-
-    def __new__(cls, t: int, sigma: float):
-        level = super().__new__(cls, int(t))
-        level.sigma = float(sigma)
-        return level
-
-    def __reduce__(self):
-        return GridLevel, (int(self), self.sigma)
+#: a grid's timestep: the model timestep ``t`` (an int) carrying the grid's exact level ``sigma``, the
+#: DDPM sigma whose abar = 1 / (1 + sigma^2) the grid steps with (core/schedule.py's Level). The
+#: predictors evaluate the model at ``sigma`` (:func:`level_sigma`), so the level a model is called
+#: at is always the level the step is taken at, whatever the model's own table holds at index ``t``
+#: (another shift) and whether or not ``sigma`` is on that table at all (a SIGMAS input).
+GridLevel = core_schedule.Level
 
 
 def level_sigma(t, table: Tensor) -> float:

@@ -289,3 +289,66 @@ def check_guider_reproduces_the_proxedit_node(pack, loaded):
         cs.SamplerCustomAdvanced().sample(cs.DisableNoise().get_noise()[0], guider,
                                           cs.KSamplerSelect().get_sampler("euler")[0], torch.tensor([3.0, 1.0, 0.0]),
                                           {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+# --------------------------------------------------------------------------------------------
+# the flow-editing nodes (issue 23) on any model: tiny SD3 and Flux (test_nodes_flow_edit.py),
+# SD1.5 and SDXL (test_sdxl.py)
+
+def check_flow_edit_nodes(pack, model, source, target, negative, latent, guidance=(3.5, 6.0), steps=4):
+    """FlowEdit and RF-Inversion on ``model`` (``negative`` None: a guidance-embedded model, Flux):
+    the source prompt and guidance as target, or n_max 0, return the LATENT bit for bit; an edit moves it, in the
+    model calls the method promises; outside a mask the LATENT is kept bit for bit; the FlowEdit
+    GUIDER/SAMPLER pair gives the node's edit; RF-Inversion with eta 1 on every step returns the
+    photo; the shared MODEL is untouched. Returns the node outputs by name."""
+    from comfy_extras import nodes_custom_sampler as cs
+
+    fe = importlib.import_module(pack.__name__ + ".nodes.flow_edit")
+    glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    x = latent["samples"]
+    h, w = x.shape[-2:]
+    mask = torch.zeros(1, 8 * h, 8 * w)
+    mask[:, :, : 4 * w] = 1.0  # the left half of the image
+    g_src, g_tar = guidance
+    kw = dict(negative=negative, latent=latent)
+    out = {}
+    with torch.inference_mode():
+        run = lambda tgt, **o: fe.FlowEdit.execute(model, source, tgt, steps, g_src, o.pop("g", g_tar),  # noqa: E731
+                                                   o.pop("n_max", steps - 1), 1, **kw, **o).args
+        assert torch.equal(run(source, g=g_src)[0]["samples"], x)  # same prompt, same guidance
+        assert torch.equal(run(target, n_max=0)[0]["samples"], x)
+        edit, report = run(target)
+        cfg_calls = 1 if negative is None else 1  # each evaluation batches its CFG branches into one call
+        assert f"{2 * (steps - 1) * cfg_calls} model calls" in report, report
+        assert torch.isfinite(edit["samples"]).all() and _rel(edit["samples"], x) > 1e-3
+        masked = run(target, mask=mask, feather=1.0)[0]["samples"]
+        assert torch.equal(masked[..., w // 2:], x[..., w // 2:])
+        assert _rel(masked[..., : w // 2 - 1], x[..., : w // 2 - 1]) > 1e-3
+        out.update(flowedit=edit["samples"], masked=masked)
+        # the GUIDER/SAMPLER pair on the node's grid, its seed from RandomNoise
+        guider = fe.FlowEditGuider.execute(model, source, target, g_src, g_tar, negative=negative).args[0]
+        sampler = fe.FlowEditSampler.execute(steps - 1).args[0]
+        sigmas = glue.grid_sigmas(model, glue.make_grid(model, steps))
+        pair = cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider, sampler, sigmas,
+                                                 latent)[0]["samples"]
+        assert _rel(pair, edit["samples"]) < 1e-5, _rel(pair, edit["samples"])
+        with pytest.raises(glue.InverseInputError, match=r"^sampler: "):
+            cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider,
+                                              cs.KSamplerSelect().get_sampler("euler")[0], sigmas, latent)
+        with pytest.raises(glue.InverseInputError, match=r"^n_max: "):
+            run(target, n_max=steps + 1)
+        # RF-Inversion
+        g = g_tar if negative is not None else 3.5
+        rf = lambda **o: fe.RFInversion.execute(model, source, target, steps, g, o.pop("gamma", 0.5),  # noqa: E731
+                                                o.pop("eta", 0.9), 2, **kw, **o).args
+        rf_out, rf_report = rf(start=0, stop=2)
+        assert f"{2 * steps} model calls" in rf_report, rf_report
+        assert torch.isfinite(rf_out["samples"]).all() and _rel(rf_out["samples"], x) > 1e-3
+        rf_masked = rf(start=0, stop=2, mask=mask, feather=1.0)[0]["samples"]
+        assert torch.equal(rf_masked[..., w // 2:], x[..., w // 2:])
+        assert _rel(rf(eta=1.0, start=0, stop=steps)[0]["samples"], x) < 1e-4
+        out.update(rf_inversion=rf_out["samples"])
+    after = model.model.diffusion_model.state_dict()
+    assert not [k for k in before if not torch.equal(before[k], after[k])]
+    return out

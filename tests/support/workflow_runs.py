@@ -7,7 +7,8 @@ second run proves something the first cannot (the frontend's path to the server,
   ProxEdit over DDPM, decoder inversion with the fixed point, and the four restoration methods.
 - ``FRONTEND``: converted by ComfyUI's real frontend and queued through it on the tiny SD1.5 or the
   tests' tiny flow models (test_frontend.py): every node type of the pack, every model family, each
-  kind of graph; a Flux and an SD3.5 graph whose loader is swapped through the frontend.
+  kind of graph; a Flux and an SD3.5 graph whose loader is swapped through the frontend; the flow-editing
+  nodes (masked FlowEdit, the FlowEdit GUIDER/SAMPLER, RF-Inversion, FireFlow's SAMPLERs).
 - ``IN_PROCESS``: the rest, in-process on the tiny SD1.5 or flow models (test_workflows.py).
 
 Every workflow's UI twin converts to its API twin in the real frontend (test_frontend.py), so the API
@@ -23,7 +24,8 @@ SDXL = ["invert_and_reconstruct", "rnri_invert_and_reconstruct", "reconstruct_nu
 
 FRONTEND = ["invert_and_reconstruct", "reconstruct_null_text", "texture_then_pose", "proxedit_guider",
             "decoder_inversion_then_inversion", "testbed_invert_and_edit", "flux_invert_and_reconstruct",
-            "sd35_restore_gaussian_deblur_stsl"]
+            "sd35_restore_gaussian_deblur_stsl", "flux_flowedit_masked", "sd35_flowedit_guider", "flux_rf_inversion_stylize",
+            "sd35_fireflow_reconstruct"]
 
 # queued through the newest frontend as well (test_frontend_newest.py): every model family and each kind of
 # graph (a SAMPLER graph, a GUIDER graph in SamplerCustomAdvanced, the trained testbed, a swapped flow loader);
