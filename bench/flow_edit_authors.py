@@ -1,0 +1,116 @@
+"""FlowEdit against the authors' code: their ``FlowEditSD3`` (fallenshock/FlowEdit, FlowEdit_utils.py),
+run unmodified on the tests' tiny random-weight SD3 (ComfyUI's MMDiT), against the pack's FlowEdit node
+on the same model, prompts, latent, timesteps and noise draws. Prints the largest difference.
+
+    python bench/flow_edit_authors.py --authors PATH_TO/FlowEdit_utils.py [--diffusers DIR]
+
+Needs the authors' file (git clone https://github.com/fallenshock/FlowEdit) and ``diffusers`` (for their
+FlowMatchEulerDiscreteScheduler; ``pip install --no-deps --target DIR diffusers`` is enough; never a
+test dependency). Their pipeline object is replaced by a stand-in: ``encode_prompt`` returns the tiny
+model's conditionings and ``transformer`` calls ComfyUI's MMDiT, which predicts the velocity as
+diffusers' SD3 transformer does (timestep = 1000 t). Their ``retrieve_timesteps`` import (diffusers'
+SD pipeline module, which needs transformers' image processors) is given diffusers' two-line function.
+
+The noise: their loop draws ``torch.randn_like(x_src)`` from the global generator once per editing
+step; the node draws from ``torch.Generator().manual_seed(seed)`` in the same order, so seeding the
+global generator with the same seed gives the same draws. The grid: their scheduler's shifted sigmas
+(SD3: shift 3, 50 steps); the node is given the same levels as SIGMAS through its GUIDER/SAMPLER pair
+(the first level, s = 1, is pure noise, which the pack's flow grids stop short of; it is among the
+steps FlowEdit skips at n_max < 50, so the SIGMAS start at the first editing step).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import types
+
+import torch
+
+import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
+
+
+def _load_authors(path: str):
+    def retrieve_timesteps(scheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs):
+        scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        return scheduler.timesteps, len(scheduler.timesteps)
+
+    shim = types.ModuleType("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+    shim.retrieve_timesteps = retrieve_timesteps
+    sys.modules[shim.__name__] = shim
+    spec = importlib.util.spec_from_file_location("flowedit_authors", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Pipe:
+    """The authors' ``pipe`` for FlowEditSD3 over a ComfyUI SD3 MODEL and named conditionings."""
+
+    do_classifier_free_guidance = True
+
+    def __init__(self, model, conds: dict):
+        self.model, self.conds = model, conds
+        self.transformer = self._transformer
+
+    def encode_prompt(self, prompt, negative_prompt, **kw):
+        c, n = self.conds[prompt][0], self.conds[negative_prompt][0]
+        return c[0], n[0], c[1]["pooled_output"], n[1]["pooled_output"]
+
+    def _transformer(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, **kw):
+        out = self.model.model.diffusion_model(hidden_states, timestep, context=encoder_hidden_states,
+                                               y=pooled_projections)
+        return (out.float(),)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--authors", required=True, help="the authors' FlowEdit_utils.py")
+    ap.add_argument("--diffusers", default=None, help="a folder holding the diffusers package, if not installed")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--n-max", type=int, default=33)
+    ap.add_argument("--n-avg", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.diffusers:
+        sys.path.insert(0, args.diffusers)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from support import comfy_host
+
+    pack = comfy_host.start_inprocess()
+    fe_nodes = importlib.import_module(pack.__name__ + ".nodes.flow_edit")
+    from comfy_extras import nodes_custom_sampler as cs
+
+    authors = _load_authors(args.authors)
+    model, cond = comfy_host.tiny_flow_model("sd3")
+    conds = {"src": cond(), "tar": cond(), "neg": cond()}
+    x_src = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))  # model space
+    seed, gs, gt = 5, 3.5, 13.5
+    rows = []
+    for n_min in (0,):  # their FlowEditSD3 fails with a NameError for n_min > 0 (noise_pred_tar, their L223)
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            theirs = authors.FlowEditSD3(_Pipe(model, conds), sched, x_src, "src", "tar", "neg", T_steps=args.steps,
+                                         n_avg=args.n_avg, src_guidance_scale=gs, tar_guidance_scale=gt,
+                                         n_min=n_min, n_max=args.n_max)
+        sched.set_timesteps(args.steps)
+        sigmas = torch.cat([sched.sigmas[args.steps - args.n_max:-1], torch.zeros(1)]).float()
+        with torch.inference_mode():
+            guider = fe_nodes.FlowEditGuider.execute(model, conds["src"], conds["tar"], gs, gt,
+                                                     negative=conds["neg"]).args[0]
+            sampler = fe_nodes.FlowEditSampler.execute(args.n_max, n_min, args.n_avg).args[0]
+            lat = {"samples": model.model.process_latent_out(x_src)}
+            ours = cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(seed)[0], guider, sampler, sigmas,
+                                                     lat)[0]["samples"]
+            ours = model.model.process_latent_in(ours)
+        diff = float((ours - theirs).abs().max())
+        moved = float((theirs - x_src).abs().max())
+        rows.append((n_min, diff, moved))
+        print(f"FlowEdit SD3 (tiny MMDiT), {args.steps} steps, n_max {args.n_max}, n_min {n_min}, n_avg {args.n_avg}, "
+              f"guidance {gs} -> {gt}: largest |ours - authors'| = {diff:.3e} (the edit moved the latent by up to "
+              f"{moved:.3f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
