@@ -303,8 +303,6 @@ def flow_bench(quick: bool, steps_list=(28,)) -> dict:
     Euler inversion's error / 100. ``steps_list``: the step counts (issue 23 compares 8, 14 and 28:
     FireFlow and RF-Solver are sampled back with their own solver, the rest with Euler; calls per
     step count the inversion only)."""
-    from comfyui_inverse.core.flow import FlowPredictor, discrete_flow_sigmas, gaussian_flow_denoiser
-
     res = {}
     for steps in steps_list:
         res.update(_flow_bench_at(steps, len(steps_list) > 1))

@@ -206,15 +206,18 @@ class FlowEditSampler(io.ComfyNode):
     def execute(cls, n_max, n_min=0, n_avg=1, feather=2.0) -> io.NodeOutput:
         glue.check_widgets(cls, locals())
 
-        def run(pred, settings, x, grid, mask, seed, callback):
-            _check_n(n_max, n_min, grid.steps)
-            first = grid.steps - n_max
-            return fe.flowedit(pred, x, grid, "source", "target", settings["uncond"], settings["source_guidance"],
-                               settings["target_guidance"], n_max, n_min, n_avg, torch.Generator().manual_seed(seed),
-                               None if mask is None else fe.feather_mask(mask, feather),
-                               callback=lambda i, total, z: callback(i - first, n_max, z))
+        def first_step(steps):  # the steps before the last n_max do nothing: they are not gridded at all
+            _check_n(n_max, n_min, steps)
+            return steps - n_max
 
-        return io.NodeOutput(glue.make_guider_sampler("FlowEdit", run))
+        def run(pred, settings, x, grid, mask, seed, callback):
+            if n_max == 0:  # nothing edits: the photo
+                return x
+            return fe.flowedit(pred, x, grid, "source", "target", settings["uncond"], settings["source_guidance"],
+                               settings["target_guidance"], grid.steps, n_min, n_avg, torch.Generator().manual_seed(seed),
+                               None if mask is None else fe.feather_mask(mask, feather), callback=callback)
+
+        return io.NodeOutput(glue.make_guider_sampler("FlowEdit", run, first_step))
 
 
 class RFInversion(io.ComfyNode):

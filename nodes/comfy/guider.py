@@ -4,7 +4,7 @@ SAMPLER runs a whole core loop over the GUIDER's named conditionings (FlowEdit).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import comfy.samplers
 
@@ -75,7 +75,8 @@ class NamedCondGuider(comfy.samplers.CFGGuider):
                                 f"SAMPLER to SamplerCustomAdvanced.")
 
 
-def make_guider_sampler(kind: str, run: Callable) -> comfy.samplers.Sampler:
+def make_guider_sampler(kind: str, run: Callable, first_step: Optional[Callable[[int], int]] = None
+                        ) -> comfy.samplers.Sampler:
     """A SAMPLER for a :class:`NamedCondGuider` of the same ``kind``: it calls ``run(predictor,
     guider_settings, z, grid, mask, seed, callback)`` with a ComfyNoisePredictor over the guider's
     named conditionings, the input latent in model space (ComfyUI's process_latent_in, DDPM = flow
@@ -90,7 +91,19 @@ def make_guider_sampler(kind: str, run: Callable) -> comfy.samplers.Sampler:
                 raise InverseInputError(f"guider: the {kind} Sampler needs the {kind} Guider; connect it to "
                                         f"SamplerCustomAdvanced's guider input.")
             check_diffusion_model(model_wrap.model_patcher)
-            grid = grid_from_sigmas(model_wrap.model_patcher, sigmas)
+            steps = len(sigmas) - 1
+            if first_step is not None:
+                sigmas = sigmas[min(max(first_step(steps), 0), steps - 1):]
+            try:
+                grid = grid_from_sigmas(model_wrap.model_patcher, sigmas)
+            except InverseInputError as exc:
+                if "pure noise" not in str(exc):
+                    raise
+                raise InverseInputError(
+                    f"sigmas: the {kind} Sampler would take a step from s = 1, pure noise, where the pack's solvers "
+                    f"cannot evaluate the model (its noise prediction is undefined there); with a schedule that "
+                    f"starts at 1 (BasicScheduler on SD3/Flux) let at most {steps - 1} of its {steps} steps edit "
+                    f"(n_max), or drop the first sigma with SplitSigmas.") from None
             predictor = ComfyNoisePredictor(model_wrap, extra_args["model_options"])
             z = latent_image.float().to(predictor.device)
             mask = None

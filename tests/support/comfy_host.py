@@ -230,7 +230,7 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
     """An API-format example workflow set up for the tiny models: every checkpoint loader gets the
     tiny SD1.5 checkpoint (a flow model's loader becomes the test node TINY_FLOW_LOADER, which returns
     a tiny model of its family), every ImageScale ``size`` pixels, and (optionally) every node with a
-    ``steps`` input ``steps`` steps (FlowEdit's n_max and RF-Inversion's stop at most that) and every
+    ``steps`` input ``steps`` steps (FlowEdit's n_max at most one less, RF-Inversion's stop at most that) and every
     decoder inversion ``steps`` iterations. The trained
     testbed's workflows keep their checkpoint and image size."""
     import json
@@ -253,8 +253,8 @@ def api_workflow(name: str, size: int = 64, steps: int | None = None) -> dict:
             inputs["iterations"] = steps
         if steps is not None and "skip_steps" in inputs:
             inputs["skip_steps"] = min(inputs["skip_steps"], steps // 3)
-        if steps is not None and "n_max" in inputs:  # FlowEdit: at most every step edits
-            inputs["n_max"] = min(inputs["n_max"], steps)
+        if steps is not None and "n_max" in inputs:  # FlowEdit: not the first step (s = 1 on a BasicScheduler)
+            inputs["n_max"] = min(inputs["n_max"], max(steps - 1, 1))
         if steps is not None and node["class_type"] == "InverseRFInversion":
             inputs["stop"] = min(inputs["stop"], steps)
         if node["class_type"] == "InverseMasaCtrl":  # the tiny UNet has 4 attention layers

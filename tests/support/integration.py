@@ -333,6 +333,18 @@ def check_flow_edit_nodes(pack, model, source, target, negative, latent, guidanc
         pair = cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider, sampler, sigmas,
                                                  latent)[0]["samples"]
         assert _rel(pair, edit["samples"]) < 1e-5, _rel(pair, edit["samples"])
+        if glue.is_flow_model(model):  # a schedule from pure noise (BasicScheduler): the skipped first step is dropped
+            full = cs.BasicScheduler().get_sigmas(model, "simple", steps, 1.0)[0]
+            assert float(full[0]) == 1.0
+            out_full = cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider, sampler, full,
+                                                         latent)[0]["samples"]
+            assert torch.isfinite(out_full).all() and _rel(out_full, x) > 1e-3
+            with pytest.raises(glue.InverseInputError, match=r"^sigmas: the FlowEdit Sampler would take a step from s = 1"):
+                cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider,
+                                                  fe.FlowEditSampler.execute(steps).args[0], full, latent)
+        nothing = cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider,
+                                                    fe.FlowEditSampler.execute(0).args[0], sigmas, latent)[0]["samples"]
+        assert _rel(nothing, x) < 1e-6
         with pytest.raises(glue.InverseInputError, match=r"^sampler: "):
             cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(1)[0], guider,
                                               cs.KSamplerSelect().get_sampler("euler")[0], sigmas, latent)
