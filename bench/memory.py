@@ -59,11 +59,14 @@ INVERSIONS = {
                                             tolerance=0.0)),
     "negative_prompt_inversion": ("NegativePromptInversion", dict(steps=STEPS, spacing="auto")),
     "ddpm_inversion": ("DDPMInversion", dict(steps=STEPS, guidance=G, spacing="auto", seed=0)),
+    "exact_fireflow": ("ExactInversion", dict(steps=STEPS, guidance=G, spacing="auto", method="fireflow", iterations=2,
+                                              tolerance=0.0, lambda_prior=0.1, adjust_rounds=0)),
 }
 EDITS = ("proxedit", "proxedit_p2p_masactrl")
+FLOW_EDITS = ("flowedit", "rf_inversion")
 RESTORES = ("restore_ldps", "restore_psld", "restore_stsl", "restore_p2l")
 DECODER = ("decoder_inversion_gradient_free", "decoder_inversion_gradient_based")
-NODES = tuple(INVERSIONS) + EDITS + RESTORES + DECODER
+NODES = tuple(INVERSIONS) + EDITS + FLOW_EDITS + RESTORES + DECODER
 
 
 def _setup(size: int, family: str = "sd15"):
@@ -118,6 +121,12 @@ def _run(name: str, size: int, family: str = "sd15"):
                 control = ed.MasaCtrl.execute(0, 10, "source", "source", attention_control=control).args[0]
         return lambda: ed.ProxEdit.execute(model, res, tar, "source", G, "hard", 0.7, 0.0, 1, 0.0, 0.0, 400, 0.0, 0,
                                            negative=neg, attention_control=control).args
+    if name in FLOW_EDITS:
+        fe = _node(pack, "flow_edit")
+        if name == "flowedit":
+            return lambda: fe.FlowEdit.execute(model, pos, tar, STEPS, 3.5, 13.5, STEPS, 0, negative=neg, latent=lat).args
+        return lambda: fe.RFInversion.execute(model, pos, tar, STEPS, G, 0.5, 0.9, 0, start=0, stop=1, negative=neg,
+                                              latent=lat).args
     if name in RESTORES:
         with torch.inference_mode():
             op = rs.DegradationOperator.execute("sr_avgpool", 4, 61, 3.0, 0.5, 0.4, 0.05, 0).args[0]
