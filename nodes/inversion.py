@@ -283,7 +283,9 @@ class NullTextInversion(io.ComfyNode):
                          "trajectory; then, step by step, the unconditional (negative) embedding is optimised "
                          "with Adam so that guided sampling follows the pivot (with its pooled vector on SDXL, "
                          "SD3 and Flux, which read it in every block). The per-step embeddings are stored "
-                         "and used by Sample from Inversion, which then reconstructs at the chosen guidance."),
+                         "and used by Sample from Inversion, which then reconstructs at the chosen guidance. "
+                         "Memory (README, measured): SD1.5 at 512 px fits 8 GB; SDXL at 1024 px needs up to about "
+                         "15 GB in 16 bit (an upper bound): on a 12 GB card run ComfyUI with --lowvram or use 768 px."),
             inputs=_source_inputs(guidance_default=7.5, negative_tip=(
                 "The unconditional prompt whose embedding is optimised (usually empty text).")) + [
                 advanced(io.Int.Input("inner_steps", default=10, min=1, max=200,

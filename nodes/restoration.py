@@ -232,7 +232,9 @@ class Restore(io.ComfyNode):
                          "Operator. Methods: STSL (second-order Tweedie, Rout et al.: 5 Adam refinements per step, "
                          "fewest model calls), LDPS (latent DPS), PSLD (LDPS + gluing term) and P2L (per-step prompt "
                          "tuning + projection onto the measurements). Gradients flow through the VAE decoder; "
-                         "decoder_memory bounds their memory at 512x512 and above."),
+                         "decoder_memory bounds their memory at 512x512 and above. Memory (README, measured): SD1.5 "
+                         "at 512 px fits 8 GB with every method; SDXL at 1024 px needs up to about 19 GB in 16 bit "
+                         "(LDPS; an upper bound): on 12-16 GB cards run ComfyUI with --lowvram, or restore at 768 px."),
             inputs=_restore_inputs(),
             outputs=[io.Image.Output(display_name="image", tooltip="The restored image."),
                      io.Latent.Output(display_name="latent", tooltip="Its latent."),
