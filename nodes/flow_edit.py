@@ -16,6 +16,17 @@ from .types import CATEGORY
 SUB = f"{CATEGORY}/flow editing"
 
 
+def _model_and_prompts() -> list[io.Input]:
+    """FlowEdit's model and prompt sockets (the node and the GUIDER)."""
+    return [io.Model.Input("model", tooltip="Any model: SD3/SD3.5 and Flux natively, SD1.x/SDXL through the flow "
+                                            "view of their noise prediction."),
+            io.Conditioning.Input("source", tooltip="A prompt describing the photo."),
+            io.Conditioning.Input("target", tooltip="The same prompt with the edit (e.g. 'cat' -> 'tiger')."),
+            io.Conditioning.Input("negative", optional=True,
+                                  tooltip="Empty prompt for classifier-free guidance (SD3, SD1.x, SDXL); not used "
+                                          "by Flux dev, whose guidance is embedded.")]
+
+
 def _image_inputs() -> list[io.Input]:
     return [io.Latent.Input("latent", optional=True, tooltip="The photo's latent (VAE Encode), or connect image + vae."),
             io.Image.Input("image", optional=True, tooltip="The photo, encoded with the vae input (instead of latent)."),
@@ -103,13 +114,7 @@ class FlowEdit(io.ComfyNode):
                          "step (with their CFG batch). Defaults are the paper's SD3 settings; for Flux use 28 steps, "
                          "n_max 24 and guidance 1.5 / 5.5 (workflow 'FlowEdit on Flux')."),
             inputs=[
-                io.Model.Input("model", tooltip="Any model: SD3/SD3.5 and Flux natively, SD1.x/SDXL through the flow "
-                                                "view of their noise prediction."),
-                io.Conditioning.Input("source", tooltip="A prompt describing the photo."),
-                io.Conditioning.Input("target", tooltip="The same prompt with the edit (e.g. 'cat' -> 'tiger')."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Empty prompt for classifier-free guidance (SD3, SD1.x, SDXL); not used "
-                                              "by Flux dev, whose guidance is embedded."),
+                *_model_and_prompts(),
                 *_image_inputs(),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="Steps of the model's own schedule (paper: SD3 50; Flux 28)."),
@@ -165,12 +170,7 @@ class FlowEditGuider(io.ComfyNode):
                          "SIGMAS (BasicScheduler: the paper's steps) and RandomNoise (its seed draws FlowEdit's "
                          "noise). Gives the FlowEdit node's result for the same settings."),
             inputs=[
-                io.Model.Input("model", tooltip="Any model: SD3/SD3.5 and Flux natively, SD1.x/SDXL through the flow "
-                                                "view of their noise prediction."),
-                io.Conditioning.Input("source", tooltip="A prompt describing the photo."),
-                io.Conditioning.Input("target", tooltip="The same prompt with the edit."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Empty prompt for classifier-free guidance; not used by Flux dev."),
+                *_model_and_prompts(),
                 *_flowedit_settings_inputs()[:2],
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="Connect to SamplerCustomAdvanced.")],
