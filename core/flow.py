@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .schedule import level_sigma
+
 Tensor = torch.Tensor
 
 
@@ -65,8 +67,7 @@ class FlowPredictor:
 
     def __call__(self, z: Tensor, t: int, conds) -> Tensor:
         self.calls += 1
-        sigma = getattr(t, "sigma", None)
-        sigma = float(self.sigmas[int(t)]) if sigma is None else float(sigma)
+        sigma = level_sigma(t, self.sigmas)
         x = z * self.coords.x_scale(sigma)
         s = self.coords.level(sigma)
         return torch.stack([self.coords.eps(x, self.denoise(x, s, c), sigma) for c in conds])

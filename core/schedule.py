@@ -100,13 +100,17 @@ class Level(int):
         return Level, (int(self), self.sigma)
 
 
+def level_sigma(t, sigma_table) -> float:
+    """The DDPM sigma a predictor evaluates timestep ``t`` at: a :class:`Level`'s own, else (a plain
+    int) ``sigma_table[t]``."""
+    sigma = getattr(t, "sigma", None)
+    return float(sigma) if sigma is not None else float(sigma_table[int(t)])
+
+
 def level_abar(t, alphas_cumprod) -> float:
     """The abar a predictor evaluates timestep ``t`` at: 1 / (1 + sigma^2) for a :class:`Level`,
     else ``alphas_cumprod[t]``."""
-    sigma = getattr(t, "sigma", None)
-    if sigma is not None:
-        return 1.0 / (1.0 + float(sigma) ** 2)
-    return float(alphas_cumprod[int(t)])
+    return 1.0 / (1.0 + t.sigma ** 2) if isinstance(t, Level) else float(alphas_cumprod[int(t)])
 
 
 @dataclass(frozen=True)

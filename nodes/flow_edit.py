@@ -275,9 +275,8 @@ class RFInversion(io.ComfyNode):
         if stop > steps or start > stop:
             raise glue.InverseInputError(f"start/stop: need start <= stop <= steps ({start}, {stop}, {steps}).")
         embedded = glue.guidance_embedded(model)
-        inv_conds, _, _, _ = _conds(model, source, source, None, 0.0 if embedded else 1.0, 0.0 if embedded else 1.0)
-        conds, uncond, _, g = _conds(model, target, target, negative, guidance, guidance)
-        conds = {"source": inv_conds["source"], "target": conds["target"], **({"negative": negative} if uncond else {})}
+        # the inversion runs on the source without guidance (Flux dev: embedded 0, as the authors do)
+        conds, uncond, _, g = _conds(model, source, target, negative, 0.0 if embedded else 1.0, guidance)
         for name, c in conds.items():
             glue.check_cond_batch(c, samples.shape[0], name)
         grid = glue.make_grid(model, steps)

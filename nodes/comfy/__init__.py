@@ -61,7 +61,7 @@ patches are unchanged, so this does not alter what the shared model computes.
 """
 from __future__ import annotations
 
-from .errors import (InverseInputError)  # noqa: F401
+from .errors import InverseInputError, PureNoiseStartError  # noqa: F401
 from .schedule import (model_sampling_of, FLOW_MAX_S, is_flow_model, check_diffusion_model, coords_of, is_lcm_model,
                        model_timesteps, comfy_sigma_table, model_compute_dtype, model_sigma_table, usable_timesteps,
                        model_alphas_cumprod, default_spacing, make_grid, GridLevel, level_sigma, grid_from_sigmas,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Optional
 import comfy.samplers
 
 from ...core.proxedit import ddim_x0_for
-from .errors import InverseInputError
+from .errors import InverseInputError, PureNoiseStartError
 from .predictor import ComfyNoisePredictor
 from .schedule import check_diffusion_model, grid_from_sigmas, grid_sigmas, coords_of
 
@@ -96,9 +96,7 @@ def make_guider_sampler(kind: str, run: Callable, first_step: Optional[Callable[
                 sigmas = sigmas[min(max(first_step(steps), 0), steps - 1):]
             try:
                 grid = grid_from_sigmas(model_wrap.model_patcher, sigmas)
-            except InverseInputError as exc:
-                if "pure noise" not in str(exc):
-                    raise
+            except PureNoiseStartError:
                 raise InverseInputError(
                     f"sigmas: the {kind} Sampler would take a step from s = 1, pure noise, where the pack's solvers "
                     f"cannot evaluate the model (its noise prediction is undefined there); with a schedule that "

@@ -52,6 +52,15 @@ def run_with_predictor(model, conds: Mapping[str, Any], latent_shape: Sequence[i
     return sampler.result
 
 
+def _sigmas_setup(model, patcher, sigmas, extra_args):
+    """What a pack KSAMPLER needs from the SIGMAS it is given: (grid, coords, predictor over the
+    denoiser ``model`` that ComfyUI hands the sampler), after checking the model is one the pack runs."""
+    check_diffusion_model(patcher)
+    coords = coords_of(patcher)
+    predictor = KDiffusionPredictor(model, extra_args, model_sigma_table(patcher), coords, model_compute_dtype(patcher))
+    return grid_from_sigmas(patcher, sigmas), coords, predictor
+
+
 def make_inversion_sampler(invert: Callable) -> comfy.samplers.KSAMPLER:
     """A KSAMPLER that runs ``invert(predictor, z0, grid, callback)`` (a core inversion loop) over
     the connected SIGMAS, in either order, starting from the latent (the noise input is ignored;
@@ -60,12 +69,7 @@ def make_inversion_sampler(invert: Callable) -> comfy.samplers.KSAMPLER:
     class _InversionKSampler(comfy.samplers.KSAMPLER):
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                    denoise_mask=None, disable_pbar=False):
-            patcher = model_wrap.model_patcher
-            check_diffusion_model(patcher)
-            grid = grid_from_sigmas(patcher, sigmas)
-            coords = coords_of(patcher)
-            predictor = KDiffusionPredictor(model_wrap, extra_args, model_sigma_table(patcher), coords,
-                                            model_compute_dtype(patcher))
+            grid, coords, predictor = _sigmas_setup(model_wrap, model_wrap.model_patcher, sigmas, extra_args)
             z0 = latent_image.float() if latent_image is not None else torch.zeros_like(noise)
 
             def cb(i, total, z):  # SamplerCustomAdvanced's callback drives the progress bar
@@ -87,12 +91,7 @@ def make_solver_sampler(sample: Callable) -> comfy.samplers.KSAMPLER:
     mask (inpainting) and the model's patches apply."""
 
     def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        patcher = model.inner_model.model_patcher
-        check_diffusion_model(patcher)
-        grid = grid_from_sigmas(patcher, sigmas)
-        coords = coords_of(patcher)
-        predictor = KDiffusionPredictor(model, extra_args or {}, model_sigma_table(patcher), coords,
-                                        model_compute_dtype(patcher))
+        grid, coords, predictor = _sigmas_setup(model, model.inner_model.model_patcher, sigmas, extra_args or {})
 
         def cb(i, total, z):
             if callback is not None:

@@ -13,8 +13,8 @@ import comfy.model_sampling
 
 from ...core import schedule as core_schedule
 from ...core.flow import Coords
-from ...core.schedule import TimestepGrid
-from .errors import InverseInputError
+from ...core.schedule import TimestepGrid, level_sigma  # noqa: F401  (re-exported for the glue)
+from .errors import InverseInputError, PureNoiseStartError
 
 Tensor = torch.Tensor
 
@@ -160,17 +160,10 @@ def make_grid(model, steps: int, spacing: str = "auto") -> TimestepGrid:
 
 #: a grid's timestep: the model timestep ``t`` (an int) carrying the grid's exact level ``sigma``, the
 #: DDPM sigma whose abar = 1 / (1 + sigma^2) the grid steps with (core/schedule.py's Level). The
-#: predictors evaluate the model at ``sigma`` (:func:`level_sigma`), so the level a model is called
+#: predictors evaluate the model at ``sigma`` (core/schedule.py's ``level_sigma``), so the level a model is called
 #: at is always the level the step is taken at, whatever the model's own table holds at index ``t``
 #: (another shift) and whether or not ``sigma`` is on that table at all (a SIGMAS input).
 GridLevel = core_schedule.Level
-
-
-def level_sigma(t, table: Tensor) -> float:
-    """The DDPM sigma a predictor evaluates timestep ``t`` at: a :class:`GridLevel`'s own level, else
-    (a plain int) the model's table at ``t``."""
-    sigma = getattr(t, "sigma", None)
-    return float(sigma) if sigma is not None else float(table[int(t)])
 
 
 def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
@@ -194,7 +187,7 @@ def grid_from_sigmas(model, sigmas: Tensor) -> TimestepGrid:
             continue
         if flow:
             if v > FLOW_MAX_S + 1e-6:
-                raise InverseInputError(
+                raise PureNoiseStartError(
                     f"sigmas: this flow model's schedule starts at {v:.4g}; a latent at s = 1 is pure noise (ComfyUI "
                     f"starts a sampler from (1 - s) x the latent, which is 0 there), so inversion stops at s <= "
                     f"{FLOW_MAX_S}. Drop the first sigma with SplitSigmas (step 1), or use the inversion node's "
@@ -219,8 +212,7 @@ def grid_level_sigmas(grid: TimestepGrid) -> list[float]:
     else the one of its abar."""
     out = []
     for t, v in zip(grid.timesteps, grid.sigmas().tolist()):
-        sigma = getattr(t, "sigma", None)
-        out.append(float(sigma) if sigma is not None and t != core_schedule.CLEAN else float(v))
+        out.append(t.sigma if isinstance(t, GridLevel) and t != core_schedule.CLEAN else float(v))
     return out
 
 
