@@ -475,7 +475,7 @@ TESTBED_METHODS = {"ldps": {"step_size": 1.0}, "psld": {"step_size": 1.0, "gluin
                    "stsl": {}}
 
 
-def protocol_t(quick: bool, count: int = 0) -> dict:
+def protocol_t(quick: bool, count: int = 0, kinds=TESTBED_KINDS) -> dict:
     """(t) the trained testbed: LDPS, PSLD, P2L and STSL through the Restore node on the first
     ``count`` held-out images (each with its own prompt), x4 SR, Gaussian and motion deblur, box
     inpainting (sigma_y 0.02); PSNR and SSIM against the clean image, measurement consistency
@@ -499,7 +499,7 @@ def protocol_t(quick: bool, count: int = 0) -> dict:
                            / len(x)), 4)
 
     out = {"images": count, "steps": steps}
-    for kind in TESTBED_KINDS:
+    for kind in kinds:
         op = bed.operator(kind)
         y = bed.degrade(clean, op)
         row = {}
@@ -511,7 +511,14 @@ def protocol_t(quick: bool, count: int = 0) -> dict:
         for method, kw in [("unguided", {"method": "ldps", "step_size": 0.0})] + \
                 [(m, {"method": m, **k}) for m, k in TESTBED_METHODS.items()]:
             t0 = time.perf_counter()
-            image, rep = bed.restore(y, op, pos, steps=steps, **kw)
+            try:
+                image, rep = bed.restore(y, op, pos, steps=steps, **kw)
+            except Exception as exc:  # the node's own error (e.g. a divergence it caught) is a result: record it
+                if type(exc).__name__ != "InverseInputError":
+                    raise
+                row[method] = {"error": str(exc), "seconds": round(time.perf_counter() - t0, 1)}
+                print(f"(t) {kind:13s} {method:8s} FAILED ({row[method]['seconds']} s): {exc}", flush=True)
+                continue
             secs = time.perf_counter() - t0
             cons = rep.get("consistency")
             row[method] = {"psnr": round(float(psnr_b(image, clean).mean()), 2), "ssim": ssim(image),
@@ -532,6 +539,8 @@ def main(argv=None):
                                                          "l (flow models: analytic flow reference, tiny SD3/Flux), "
                                                          "t (the trained testbed; --testbed N images)")
     ap.add_argument("--testbed", type=int, default=0, metavar="N", help="protocol t: N held-out images (100)")
+    ap.add_argument("--kinds", default=",".join(TESTBED_KINDS),
+                    help="protocol t: a comma list of degradations (default: all of " + ", ".join(TESTBED_KINDS) + ")")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--restore-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -543,11 +552,14 @@ def main(argv=None):
         size, mode = args.memory_worker.split(":")
         print(json.dumps(memory_worker(int(size), mode)))
         return
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    kinds = [k for k in args.kinds.split(",") if k]
+    if any(k not in TESTBED_KINDS for k in kinds):
+        ap.error(f"--kinds: one of {', '.join(TESTBED_KINDS)}, comma-separated; got {args.kinds!r}")
     results = {"quick": args.quick}
     t0 = time.perf_counter()
     for p, fn in (("f", protocol_f), ("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a),
-                  ("r", protocol_r), ("l", protocol_l), ("t", lambda q: protocol_t(q, args.testbed))):
+                  ("r", protocol_r), ("l", protocol_l), ("t", lambda q: protocol_t(q, args.testbed, kinds))):
         if p in args.protocols:
             results[p] = fn(args.quick)
     results["seconds"] = round(time.perf_counter() - t0, 1)
