@@ -475,7 +475,7 @@ TESTBED_METHODS = {"ldps": {"step_size": 1.0}, "psld": {"step_size": 1.0, "gluin
                    "stsl": {}}
 
 
-def protocol_t(quick: bool, count: int = 0, kinds=TESTBED_KINDS) -> dict:
+def protocol_t(quick: bool, count: int = 0, kinds=TESTBED_KINDS, methods=None) -> dict:
     """(t) the trained testbed: LDPS, PSLD, P2L and STSL through the Restore node on the first
     ``count`` held-out images (each with its own prompt), x4 SR, Gaussian and motion deblur, box
     inpainting (sigma_y 0.02); PSNR and SSIM against the clean image, measurement consistency
@@ -510,6 +510,8 @@ def protocol_t(quick: bool, count: int = 0, kinds=TESTBED_KINDS) -> dict:
         row["degraded"] = {"psnr": round(float(psnr_b(deg, clean).mean()), 2), "ssim": ssim(deg)}
         for method, kw in [("unguided", {"method": "ldps", "step_size": 0.0})] + \
                 [(m, {"method": m, **k}) for m, k in TESTBED_METHODS.items()]:
+            if methods and method not in methods:
+                continue
             t0 = time.perf_counter()
             try:
                 image, rep = bed.restore(y, op, pos, steps=steps, **kw)
@@ -539,6 +541,8 @@ def main(argv=None):
                                                          "l (flow models: analytic flow reference, tiny SD3/Flux), "
                                                          "t (the trained testbed; --testbed N images)")
     ap.add_argument("--testbed", type=int, default=0, metavar="N", help="protocol t: N held-out images (100)")
+    ap.add_argument("--methods", default="", help="protocol t: a comma list of unguided, " + ", ".join(TESTBED_METHODS)
+                    + " (default: all)")
     ap.add_argument("--kinds", default=",".join(TESTBED_KINDS),
                     help="protocol t: a comma list of degradations (default: all of " + ", ".join(TESTBED_KINDS) + ")")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -559,7 +563,7 @@ def main(argv=None):
     results = {"quick": args.quick}
     t0 = time.perf_counter()
     for p, fn in (("f", protocol_f), ("c", protocol_c), ("b", protocol_b), ("m", decoder_memory), ("a", protocol_a),
-                  ("r", protocol_r), ("l", protocol_l), ("t", lambda q: protocol_t(q, args.testbed, kinds))):
+                  ("r", protocol_r), ("l", protocol_l), ("t", lambda q: protocol_t(q, args.testbed, kinds, [m for m in args.methods.split(",") if m]))):
         if p in args.protocols:
             results[p] = fn(args.quick)
     results["seconds"] = round(time.perf_counter() - t0, 1)

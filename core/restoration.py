@@ -7,11 +7,14 @@ summary in ../shared/papers/NOTES.md (P2L section, steps 3 and the PSLD baseline
     x0_hat = Tweedie(z_t, eps(z_t))                              (predicted x0)
     z'_{t-1} = DDIM/DDPM step(z_t, eps)                          (eta = 0: DDIM, 1: DDPM)
     z_{t-1} = z'_{t-1} - zeta grad_{z_t} ||y - A D(x0_hat)||                     (LDPS)
-                       - gamma grad_{z_t} ||E(A^+ y + (I - A^+ A) D(x0_hat)) - x0_hat||^2   (PSLD)
+                       - gamma grad_{z_t} ||E(A^+ y + (I - A^+ A) D(x0_hat)) - x0_hat||     (PSLD)
 
 PSLD writes the gluing with A^T, which is a projection onto {x : A x = y} only when A A^T = I;
 with the pseudo-inverse A^+ = A^T (A A^T)^{-1} (:func:`glue`) it is one for every operator whose
-A A^T is invertible (average pooling has A A^T = I / f^2).
+A A^T is invertible (average pooling has A A^T = I / f^2). Both norms are plain, not squared, as in
+NOTES.md and the PSLD authors' code (``torch.linalg.norm`` of each error): a squared gluing term grows
+with the glued image's error, which on an ill-conditioned blur carries the amplified measurement noise,
+and diverged on the trained testbed's Gaussian deblurring at the paper's gamma 0.1 (bench/README.md).
 
 zeta follows DPS: the gradient of the residual norm (DPS Alg. 1's zeta' / ||y - A x0|| times the
 gradient of the squared norm, up to the factor 2). Works with any noise predictor, decoder and
@@ -174,7 +177,8 @@ class RestorationResult:
 def _posterior_sampling(p: Problem, cfg: RestorationConfig, gamma: float) -> RestorationResult:
     """LDPS (``gamma = 0``) or PSLD (``gamma > 0``, needs ``p.encode``; the gluing solves
     A A^T u = y - A x with ``cfg.glue_iters`` conjugate-gradient iterations): the module docstring's
-    z_{t-1} = z'_{t-1} - zeta grad ||y - A D(x0_hat)|| - gamma grad ||E(glue(D(x0_hat))) - x0_hat||^2."""
+    z_{t-1} = z'_{t-1} - zeta grad ||y - A D(x0_hat)|| - gamma grad ||E(glue(D(x0_hat))) - x0_hat||, each
+    norm per image."""
     if gamma > 0 and p.encode is None:
         raise ValueError("PSLD's gluing term needs the encoder")
     ts, ab = p.grid.timesteps, p.grid.alphas_cumprod
@@ -190,7 +194,7 @@ def _posterior_sampling(p: Problem, cfg: RestorationConfig, gamma: float) -> Res
             objective = cfg.zeta * r.sum()
             if gamma > 0:
                 glued = glue(p.op, p.y, xd, cfg.glue_iters)
-                objective = objective + gamma * (p.encode(glued) - x0).pow(2).sum()
+                objective = objective + gamma * (p.encode(glued) - x0).flatten(1).norm(dim=1).sum()
             (grad,) = torch.autograd.grad(objective, zz)
         residuals.append(float(r.detach().mean()))
         z, _ = _guided_step(z, eps.detach(), ab[i], ab[i + 1], cfg.eta, grad.detach(), p.generator)
