@@ -34,7 +34,7 @@ import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support pac
 CLASS_SWAPS = {7: 5, 5: 7, 9: 7, 0: 6, 6: 0, 2: 4, 4: 2}
 
 
-def testbed_protocol(count: int, steps: int, methods, kinds=("colour", "class")) -> dict:
+def testbed_protocol(count: int, steps: int, methods, kinds=("colour", "class"), family: str = "sd15") -> dict:
     """ProxEdit's claim on the trained testbed: for the first ``count`` held-out items, a colour swap
     (colour + 3 of the six: red -> green, orange -> blue, ...) and, for the classes with a similar
     shape, a class swap; per method: edit success (measured colour / the classifier's class),
@@ -42,7 +42,7 @@ def testbed_protocol(count: int, steps: int, methods, kinds=("colour", "class"))
     import testbed as tb
     from support.testbed_runs import Testbed, edit_measures
 
-    bed = Testbed()
+    bed = Testbed(family)
     items = list(range(count))
     colour_new = [(int(bed.colours[i]) + 3) % len(tb.COLOURS) for i in items]
     swap_items = [i for i in items if int(bed.labels[i]) in CLASS_SWAPS]
@@ -57,14 +57,18 @@ def testbed_protocol(count: int, steps: int, methods, kinds=("colour", "class"))
             if not idx or kind not in kinds:
                 continue
             t0 = time.perf_counter()
-            edited, source = bed.edit(idx, targets, method, steps)
+            if method in Testbed.FLOW_EDIT_METHODS:
+                edited, source = bed.flow_edit(idx, targets, method, steps)
+            else:
+                edited, source = bed.edit(idx, targets, method, steps)
             rows = edit_measures(edited, source, **want)
             ok = "colour_ok" if kind == "colour" else "class_ok"
             row[kind] = {"success": round(sum(r[ok] for r in rows) / len(rows), 3),
                          "iou": round(sum(r["iou"] for r in rows) / len(rows), 3),
                          "background_psnr": round(sum(r["background_psnr"] for r in rows) / len(rows), 2),
                          "seconds": round(time.perf_counter() - t0, 1)}
-            print(f"testbed {method:14s} {kind:6s} swap ({len(idx):3d} items): success {row[kind]['success']:.3f}  "
+            label = "testbed" if family == "sd15" else "sd3bed"
+            print(f"{label} {method:14s} {kind:6s} swap ({len(idx):3d} items): success {row[kind]['success']:.3f}  "
                   f"IoU {row[kind]['iou']:.3f}  background PSNR {row[kind]['background_psnr']:6.2f} dB  "
                   f"{row[kind]['seconds']:7.1f} s", flush=True)
         out[method] = row
@@ -79,13 +83,17 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")),
                     help="testbed: the editing methods (tests/support/testbed_runs.py Testbed.edit)")
     ap.add_argument("--kinds", default="colour,class", help="testbed: which edits, colour swaps and/or class swaps")
+    ap.add_argument("--family", choices=["sd15", "sd3"], default="sd15",
+                    help="testbed: the SD1.5 testbed, or the SD3-format flow testbed (issue 23; methods flowedit, "
+                         "flowedit_masked, rf_inversion, prox_exact, ...)")
     args = ap.parse_args(argv)
     from support import comfy_host
 
     if args.testbed:
         if not comfy_host.HOST_FOUND:
             sys.exit(comfy_host.MISSING_REASON)
-        res = testbed_protocol(args.testbed, 20 if args.quick else 50, args.methods.split(","), args.kinds.split(","))
+        res = testbed_protocol(args.testbed, 20 if args.quick else 50, args.methods.split(","), args.kinds.split(","),
+                               args.family)
         print(json.dumps(res))
         return
 

@@ -156,7 +156,7 @@ GOALS = {(50, 1.0): ("anderson_3", 100), (4, 1.0): ("anderson_3", 10), (10, 1.0)
 def bench_backend(name, backend, configs, methods=METHODS):
     rows = {}
     for steps, guidance in configs:
-        grid = grid_for(backend["alphas_cumprod"], steps)
+        grid = backend["grid"](steps) if "grid" in backend else grid_for(backend["alphas_cumprod"], steps)
         key = f"{steps}steps_w{guidance:g}"
         rows[key] = {}
         for method in methods:
@@ -168,7 +168,8 @@ def bench_backend(name, backend, configs, methods=METHODS):
             print(f"{name:9s} {key:14s} {method:20s}{psnr} rmse {r['rmse']:.3e}  residual mean {res:>9s} L1 {l1:>9s}  "
                   f"calls/step {r['calls_per_step']:5.2f}  bwd {r['backward']:5d}  {r['seconds']:7.2f} s", flush=True)
         base = rows[key]["ddim"]["rmse"]
-        best = min((m for m in rows[key] if m in SOLVERS), key=lambda m: rows[key][m]["rmse"])
+        best = min((m for m in rows[key] if m in SOLVERS or m in inversion.FLOW_SOLVERS),
+                   key=lambda m: rows[key][m]["rmse"])
         line = f"{name:9s} {key:14s} DDIM / best ({best}) = {base / max(rows[key][best]['rmse'], 1e-30):.1f}x"
         if (steps, guidance) in GOALS and GOALS[(steps, guidance)][0] in rows[key]:
             m, gain = GOALS[(steps, guidance)]
@@ -249,10 +250,11 @@ def comfy_backend():
     return _glue_backend(glue, model, pos, neg, samples)
 
 
-def testbed_backend(count: int):
-    """The trained testbed (scripts/testbed.py) on its first ``count`` held-out images, each with its
-    own prompt "a <colour> <class>"; reconstructions are also decoded and read as PSNR against the
-    VAE round trip (the best a latent inversion can reach)."""
+def testbed_backend(count: int, family: str = "sd15"):
+    """A trained testbed (scripts/testbed.py; ``family`` "sd3": the SD3-format flow testbed, on its
+    own flow grid) on its first ``count`` held-out images, each with its own prompt "a <colour>
+    <class>"; reconstructions are also decoded and read as PSNR against the VAE round trip (the best
+    a latent inversion can reach)."""
     from support import comfy_host
 
     if not comfy_host.HOST_FOUND:
@@ -263,7 +265,7 @@ def testbed_backend(count: int):
     import testbed as tb
 
     glue = importlib.import_module(pack.__name__ + ".nodes.comfy")
-    t = comfy_host.load_testbed()
+    t = comfy_host.load_testbed(family)
     model, vae = t["model"], t["vae"]
     prompts = [tb.prompt(int(c), int(k)) for c, k in zip(t["labels"][:count], t["colours"][:count])]
     pos = comfy_host.batched_cond(t["clip"], prompts)
@@ -271,7 +273,10 @@ def testbed_backend(count: int):
     with torch.inference_mode():
         samples = vae.encode(t["images"][:count].permute(0, 2, 3, 1))
         target = vae.decode(samples)
-    return _glue_backend(glue, model, pos, neg, samples, decode=vae.decode, target=target)
+    backend = _glue_backend(glue, model, pos, neg, samples, decode=vae.decode, target=target)
+    if family == "sd3":
+        backend["grid"] = lambda steps: glue.make_grid(model, steps)
+    return backend
 
 
 TESTBED_METHODS = ["ddim", "fixed_point_3", "anderson_3", "anderson_4", "newton_krylov_5", "rnri",
@@ -458,6 +463,9 @@ def main(argv=None):
                     help="--flow: the step counts (issue 23: 8,14,28)")
     ap.add_argument("--testbed", type=int, default=0, metavar="N",
                     help="only the trained testbed, on its first N held-out images (the README's table: 100)")
+    ap.add_argument("--testbed-family", choices=["sd15", "sd3"], default="sd15",
+                    help="--testbed: the SD1.5 testbed, or the SD3-format flow testbed (issue 23: FireFlow, RF-Solver "
+                         "and the exact solvers against Euler; default configs 8:1,14:1,28:1)")
     ap.add_argument("--configs", default=None, metavar="STEPS:GUIDANCE,...",
                     help="the (steps, guidance) configurations to run, e.g. 4:1,4:7.5 (default: 50:1,50:7.5,4:1,4:7.5)")
     args = ap.parse_args(argv)
@@ -479,8 +487,11 @@ def main(argv=None):
     if args.configs:
         full = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.configs.split(",")]
     if args.testbed:
-        backend = testbed_backend(args.testbed)
-        if backend is not None:
+        backend = testbed_backend(args.testbed, args.testbed_family)
+        if backend is not None and args.testbed_family == "sd3":
+            configs = full if args.configs else [(8, 1.0), (14, 1.0), (28, 1.0)]
+            out["testbed_sd3"] = bench_backend("sd3bed", backend, configs, FLOW_METHODS)
+        elif backend is not None:
             configs = [(10, 1.0), (10, 7.5), (4, 1.0), (4, 7.5)] if args.quick and not args.configs else full
             out["testbed"] = bench_backend("testbed", backend, configs, TESTBED_METHODS)
         print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))

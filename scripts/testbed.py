@@ -12,6 +12,12 @@ latents), a single-level SD1.5-layout UNet (model_channels 320, context_dim 768)
 DDPM epsilon objective on SD1.5's schedule, and the seeded random full-size CLIP-L of
 scripts/make_tiny_checkpoint.py as the text encoder, rebuilt at assembly time (not stored).
 
+The flow testbed (issue 23) is the same data trained a second time as an SD3-format checkpoint
+(``SD3``): ComfyUI's MMDiT (depth 4: hidden 256, 4 heads, patch 2: 3x3 tokens), the rectified-flow
+objective, a 16-channel TAESD-format VAE, and the same seeded CLIP-L as SD3's only text encoder
+(``text_encoders.clip_l.*``; ComfyUI pads its output to SD3's 4096-wide context and 2048-wide pooled
+vector). ComfyUI loads it through its SD3 path (model_detection's MMDiT branch, supported_models.SD3).
+
 This module has no ComfyUI import at module level: tests and benches use its data and file helpers
 without a host; ``assemble`` needs ComfyUI importable (it rebuilds the CLIP through
 make_tiny_checkpoint).
@@ -187,6 +193,35 @@ def init_weights(module, zero=()):
     return module
 
 
+# the SD3-format flow testbed (issue 23)
+SD3_WEIGHTS = DATA_DIR / "testbed_sd3_weights.safetensors"  # MMDiT + 16-channel VAE, fp16, committed
+SD3_CKPT_NAME = "inverse_testbed_sd3_v1.safetensors"
+SD3_LATENT_CHANNELS = 16
+SD3_LATENT_FORMAT = (1.5305, 0.0609)  # comfy.latent_formats.SD3: the model sees (VAE latent - 0.0609) * 1.5305
+CLIP_L_WIDTH = 768  # SD3's context is CLIP-L's 768 features zero-padded to 4096; pooled: 768 + 1280 zeros
+MMDIT_CONFIG = dict(in_channels=SD3_LATENT_CHANNELS, out_channels=SD3_LATENT_CHANNELS, patch_size=2, depth=4,
+                    input_size=None, adm_in_channels=2048, pos_embed_scaling_factor=None,
+                    context_embedder_config={"target": "torch.nn.Linear",
+                                             "params": {"in_features": 4096, "out_features": 64 * 4}},
+                    x_block_self_attn_layers=[])
+
+
+def mmdit():
+    """ComfyUI's MMDiT in the layout ComfyUI detects back from the weights (depth = hidden / 64; no
+    stored pos_embed: the sin-cos table is computed for the 3x3 token grid), adaLN-Zero initialised
+    (every modulation and the final projection zero, as DiT and SD3 start), the context embedder's
+    columns beyond CLIP-L's 768 zero (they only ever meet the zero padding)."""
+    import torch
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    m = MMDiT(**MMDIT_CONFIG, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    init_weights(m, zero=("adaLN_modulation.1", "final_layer.linear"))
+    with torch.no_grad():
+        m.context_embedder.weight[:, CLIP_L_WIDTH:] = 0
+    return m
+
+
 def unet():
     import torch
     import comfy.ops
@@ -196,10 +231,10 @@ def unet():
     return init_weights(m, zero=("out.2", "proj_out", "out_layers.3"))
 
 
-def taesd():
+def taesd(latent_channels: int = 4):
     from comfy.taesd.taesd import TAESD
 
-    return init_weights(TAESD(latent_channels=4))
+    return init_weights(TAESD(latent_channels=latent_channels))
 
 
 class Classifier:
@@ -239,12 +274,18 @@ def load_classifier():
 # the checkpoint
 
 PARTS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+SD3_PARTS = ("model.diffusion_model.", "first_stage_model.", "text_encoders.")
+CLIP_L_SD3_PREFIX = "text_encoders.clip_l."  # where an SD3 single-file checkpoint keeps CLIP-L
+
+
+def family_of(weights: Path) -> str:
+    return "sd3" if Path(weights).name == SD3_WEIGHTS.name else "sd15"
 
 
 def part_hashes(sd: dict) -> dict:
     """sha256 of each part of a checkpoint state dict (keys sorted, dtype, shape and bytes)."""
     out = {}
-    for prefix in PARTS:
+    for prefix in (SD3_PARTS if any(k.startswith(CLIP_L_SD3_PREFIX) for k in sd) else PARTS):
         h = hashlib.sha256()
         for k in sorted(k for k in sd if k.startswith(prefix)):
             v = sd[k].contiguous()
@@ -254,15 +295,18 @@ def part_hashes(sd: dict) -> dict:
     return out
 
 
-def checkpoint_state_dict(weights: Path = WEIGHTS) -> dict:
-    """The full SD1.5-format state dict: the trained UNet and VAE from ``weights`` plus the seeded
-    random CLIP-L rebuilt as scripts/make_tiny_checkpoint.py builds it (needs ComfyUI importable)."""
+def checkpoint_state_dict(weights: Path = WEIGHTS, family: str | None = None) -> dict:
+    """The full checkpoint state dict: the trained UNet (SD1.5) or MMDiT (SD3: ``SD3_WEIGHTS``) and VAE
+    from ``weights`` plus the seeded random CLIP-L rebuilt as scripts/make_tiny_checkpoint.py builds it
+    (needs ComfyUI importable), under the family's key names."""
     import make_tiny_checkpoint
     from safetensors.torch import load_file
 
     trained = load_file(str(weights))
     clip = {k: v for k, v in make_tiny_checkpoint.build_state_dict(CLIP_SEED).items()
             if k.startswith("cond_stage_model.")}
+    if (family or family_of(weights)) == "sd3":  # the same CLIP-L weights under SD3's key names
+        clip = {CLIP_L_SD3_PREFIX + k[len("cond_stage_model."):]: v for k, v in clip.items()}
     sd = {k: v for k, v in trained.items() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
     sd.update(clip)
     return {k: v.contiguous() for k, v in sd.items()}
@@ -331,17 +375,19 @@ def assemble(out: Path, weights: Path = WEIGHTS) -> Path:
 
 
 def main(argv=None) -> None:
-    """``python scripts/testbed.py OUT.safetensors [--comfyui PATH]``: assemble the checkpoint."""
+    """``python scripts/testbed.py OUT.safetensors [--family sd15|sd3] [--comfyui PATH]``: assemble a checkpoint."""
     import argparse
 
     import make_tiny_checkpoint
 
-    ap = argparse.ArgumentParser(description="Assemble the trained testbed checkpoint (UNet + VAE + seeded CLIP-L)")
+    ap = argparse.ArgumentParser(description="Assemble a trained testbed checkpoint (UNet or MMDiT + VAE + seeded CLIP-L)")
     ap.add_argument("out")
+    ap.add_argument("--family", choices=["sd15", "sd3"], default="sd15",
+                    help="sd15: the SD1.5-format testbed; sd3: the SD3-format flow testbed (issue 23)")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "~/ComfyUI"))
     args = ap.parse_args(argv)
     make_tiny_checkpoint._import_comfy(args.comfyui)
-    path = assemble(Path(args.out))
+    path = assemble(Path(args.out), SD3_WEIGHTS if args.family == "sd3" else WEIGHTS)
     print(f"testbed checkpoint: {path}")
 
 

@@ -93,24 +93,27 @@ def tiny_checkpoint() -> Path:
     return path
 
 
-def testbed_checkpoint() -> Path:
-    """The trained testbed checkpoint (scripts/testbed.py), assembled once into the same cache folder."""
+def testbed_checkpoint(family: str = "sd15") -> Path:
+    """A trained testbed checkpoint (scripts/testbed.py; ``family`` "sd15", or "sd3": the flow testbed),
+    assembled once into the same cache folder."""
     import make_tiny_checkpoint
     import testbed
 
     make_tiny_checkpoint._import_comfy(str(COMFYUI_PATH))
-    with cache_lock(testbed.CKPT_NAME):
-        return testbed.assemble(CACHE_DIR / "checkpoints" / testbed.CKPT_NAME)
+    name, weights = ((testbed.SD3_CKPT_NAME, testbed.SD3_WEIGHTS) if family == "sd3"
+                     else (testbed.CKPT_NAME, testbed.WEIGHTS))
+    with cache_lock(name):
+        return testbed.assemble(CACHE_DIR / "checkpoints" / name, weights)
 
 
-def load_testbed() -> dict:
-    """The trained testbed as ComfyUI's loader node loads it (model, clip, vae, path), its held-out
+def load_testbed(family: str = "sd15") -> dict:
+    """A trained testbed as ComfyUI's loader node loads it (model, clip, vae, path), its held-out
     set (images NCHW in [0, 1], labels, colours) and its classifier. Call after start_inprocess."""
     import comfy.sd
     import torch
     import testbed
 
-    path = testbed_checkpoint()
+    path = testbed_checkpoint(family)
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
     images, labels, colours, _ = testbed.load_heldout()

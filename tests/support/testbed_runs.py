@@ -35,9 +35,11 @@ def nchw(x):
 class Testbed:
     __test__ = False  # a helper, not a test class (test modules import it)
 
-    def __init__(self):
+    def __init__(self, family: str = "sd15"):
+        """``family``: "sd15" (the SD1.5-format testbed) or "sd3" (the SD3-format flow testbed, issue 23)."""
         self.pack = comfy_host.start_inprocess()
-        t = comfy_host.load_testbed()
+        self.family = family
+        t = comfy_host.load_testbed(family)
         self.model, self.clip, self.vae, self.path = t["model"], t["clip"], t["vae"], t["path"]
         self.images, self.labels, self.colours = t["images"], t["labels"], t["colours"]
         self.classifier = t["classifier"]
@@ -79,7 +81,7 @@ class Testbed:
             return n.SampleFromInversion.execute(self.model, pos, result, guidance, 0, negative=neg).args[0]["samples"]
 
     # -- editing
-    EDIT_METHODS = ("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")
+    EDIT_METHODS = ("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl", "prox_exact")
 
     def edit(self, idx, targets, method="prox_npi_p2p", steps=50, **kw):
         """Edit held-out items ``idx`` to the prompts ``targets``; returns (edited, VAE round trip).
@@ -90,7 +92,8 @@ class Testbed:
         the source prompt as negative: ProxEdit at quantile 0, no inversion guidance); prox_ddpm:
         ProxEdit over edit-friendly DDPM inversion (base 'negative', no inversion guidance, 36% of
         the steps skipped: the quick start's edit);
-        prox_masactrl: ProxEdit over NPI with MasaCtrl (from step 4, the decoder's layers)."""
+        prox_masactrl: ProxEdit over NPI with MasaCtrl (from step 4, the decoder's layers);
+        prox_exact: ProxEdit over exact inversion (Anderson, 2 calls a step, guidance 1)."""
         idx, targets = list(idx), list(targets)
         if method == "prox_npi_p2p" and len(idx) > 1:
             runs = [self.edit([i], [t], method, steps, **kw) for i, t in zip(idx, targets)]
@@ -112,6 +115,10 @@ class Testbed:
         if method == "prox_ddpm":
             inv = self.invert("DDPMInversion", lat, source, neg, steps=steps, guidance=1.0, seed=0)
             args.update(base="negative", inversion_guidance=0.0, skip_steps=int(0.36 * steps))
+        elif method == "prox_exact":  # exact inversion (Anderson, 2 calls a step) at guidance 1
+            inv = self.invert("ExactInversion", lat, source, neg, steps=steps, guidance=1.0, method="anderson",
+                              iterations=1, tolerance=0.0, lambda_prior=0.1, adjust_rounds=0)
+            args.update(inversion_guidance=0.0)
         else:
             inv = self.invert("NegativePromptInversion", lat, source, neg, steps=steps)
         if method == "npi":
@@ -121,6 +128,46 @@ class Testbed:
             out = e.ProxEdit.execute(self.model, inv, target, negative=neg, attention_control=control,
                                      **args).args[0]["samples"]
         return self.decode(out), self.decode(lat["samples"])
+
+    # -- flow editing (the SD3 flow testbed; the nodes run on the SD1.5 one too)
+    FLOW_EDIT_METHODS = ("flowedit", "flowedit_masked", "rf_inversion", "fireflow_edit", "rf_solver_edit")
+
+    def flow_edit(self, idx, targets, method="flowedit", steps=28, **kw):
+        """Edit held-out items ``idx`` to the prompts ``targets`` with a flow-native node; returns
+        (edited, VAE round trip). flowedit: the FlowEdit node (source guidance 1.5, target 5.5, n_max
+        = steps - 4: the paper's Flux proportions scaled to this model); flowedit_masked: the same
+        restricted to the item's silhouette, dilated by one latent pixel (the mask as a user paints
+        it); rf_inversion: RF-Inversion Edit (gamma 0.5, eta 0.9, stop steps / 4: the authors');
+        fireflow_edit / rf_solver_edit: the FireFlow / RF-Solver papers' edit without feature sharing:
+        invert with the source prompt, sample back with the target, both with the solver, at guidance
+        2 (RF-Solver's Flux setting, here as CFG)."""
+        idx, targets = list(idx), list(targets)
+        fe = self.nodes("flow_edit")
+        lat = self.encode(self.images[idx])
+        source, target, neg = self.cond(self.prompts(idx)), self.cond(targets), self.cond([""] * len(idx))
+        with torch.inference_mode():
+            if method in ("flowedit", "flowedit_masked"):
+                args = dict(source_guidance=1.5, target_guidance=5.5, n_max=steps - 4, seed=0, feather=1.0)
+                if method == "flowedit_masked":
+                    sil = tb.foreground_mask(self.images[idx], 0.03).float()[:, None]
+                    args["mask"] = torch.nn.functional.max_pool2d(sil, 17, stride=1, padding=8)[:, 0]
+                args.update(kw)
+                out = fe.FlowEdit.execute(self.model, source, target, steps, negative=neg, latent=lat, **args).args[0]
+            elif method == "rf_inversion":
+                args = dict(guidance=3.5, gamma=0.5, eta=0.9, seed=0, start=0, stop=max(1, steps // 4))
+                args.update(kw)
+                out = fe.RFInversion.execute(self.model, source, target, steps, negative=neg, latent=lat,
+                                             **args).args[0]
+            elif method in ("fireflow_edit", "rf_solver_edit"):
+                solver = method[:-len("_edit")]
+                g = kw.get("guidance", 2.0)
+                inv = self.nodes("inversion")
+                res = inv.ExactInversion.execute(self.model, source, steps, g, "auto", solver, 1, 0.0, 0.1, 0,
+                                                 negative=neg, latent=lat).args[0]
+                out = inv.SampleFromInversion.execute(self.model, target, res, g, 0, negative=neg).args[0]
+            else:
+                raise ValueError(method)
+        return self.decode(out["samples"]), self.decode(lat["samples"])
 
     # -- restoration
     def operator(self, kind, **kw):
