@@ -125,8 +125,9 @@ def batched_cond(clip, texts: list) -> list:
     """One CONDITIONING with its own prompt per batch item ([[cond, {"pooled_output": ...}]])."""
     import torch
 
-    with torch.inference_mode():
-        enc = [clip.encode_from_tokens(clip.tokenize(t), return_pooled=True) for t in texts]
+    with torch.inference_mode():  # each distinct text once (a full-size CLIP-L call is seconds on a CPU)
+        once = {t: clip.encode_from_tokens(clip.tokenize(t), return_pooled=True) for t in dict.fromkeys(texts)}
+    enc = [once[t] for t in texts]
     return [[torch.cat([e[0] for e in enc]), {"pooled_output": torch.cat([e[1] for e in enc])}]]
 
 
