@@ -239,6 +239,32 @@ def ddpm_tables():
     return schedule.scaled_linear_alphas_cumprod().float()
 
 
+def optimise(model, opt, ema, loss, step: int, steps: int, run_loss: float, label: str, clock, path: Path) -> float:
+    """The denoisers' shared tail of a training step (``step``: the steps done, this one included): one
+    AdamW step on ``loss`` with the gradient norm clipped to 1, the EMA of the weights (decay
+    min(0.999, (1 + step) / (10 + step))), the mean loss logged every 20 steps (``clock``: the start
+    time and step of this run) and the state saved to ``path`` every 100. Returns the running loss sum."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    d = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            ema[k].mul_(d).add_(v, alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
+    run_loss += loss.item()
+    if step % 20 == 0 or step == steps:
+        t0, first = clock
+        log(f"{label} step {step}/{steps} loss {run_loss / ((step - 1) % 20 + 1):.4f} "
+            f"({(time.time() - t0) / (step - first):.2f} s/step)")
+        run_loss = 0.0
+    if step % 100 == 0 or step == steps:
+        _save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step}, path)
+    return run_loss
+
+
 def stage_unet(state: Path, steps: int, batch: int = 64, lr: float = 3e-4) -> None:
     """DDPM epsilon objective (Ho et al. 2020, eq. 14) on SD1.5's scaled-linear schedule, t uniform
     in 0..999, the prompt dropped to "" 10% of the time (classifier-free guidance); AdamW, EMA."""
@@ -279,23 +305,8 @@ def stage_unet(state: Path, steps: int, batch: int = 64, lr: float = 3e-4) -> No
         for pg in opt.param_groups:
             pg["lr"] = lr * min(1.0, (step + 1) / 100)
         loss = (model(xt, t.float(), context=ctx[p]) - eps).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
         step += 1
-        d = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(d).add_(v, alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
-        run_loss += loss.item()
-        if step % 20 == 0 or step == steps:
-            window = (step - 1) % 20 + 1
-            log(f"unet step {step}/{steps} loss {run_loss / window:.4f} "
-                f"({(time.time() - t0) / (step - first):.2f} s/step)")
-            run_loss = 0.0
-        if step % 100 == 0 or step == steps:
-            _save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step}, path)
+        run_loss = optimise(model, opt, ema, loss, step, steps, run_loss, "unet", (t0, first), path)
 
 
 def stage_classifier(state: Path, steps: int = 400, batch: int = 128) -> None:
@@ -430,6 +441,32 @@ def stage_export(state: Path) -> dict:
     return hashes
 
 
+def setup(args, prog: str, state_name: str, known) -> tuple:
+    """The trainers' shared start: find ComfyUI (--comfyui, COMFYUI_PATH, the cache) and import it,
+    set torch's threads, make the state folder (--state, else the cache folder's ``state_name``) and
+    check the --stages against ``known``. Returns (state folder, stages)."""
+    host = provision.find_host({**os.environ, **({"COMFYUI_PATH": args.comfyui} if args.comfyui else {})},
+                               provision=False)
+    if host is None:
+        sys.exit(f"{prog}: no ComfyUI found; pass --comfyui, set COMFYUI_PATH, or run bash scripts/test.sh once "
+                 "(it provisions one)")
+    os.environ["COMFYUI_PATH"] = str(host.path)
+    import make_tiny_checkpoint
+
+    make_tiny_checkpoint._import_comfy(str(host.path))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = Path(args.state) if args.state else provision.cache_dir() / state_name
+    state.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    for s in stages:
+        if s not in known:
+            sys.exit(f"unknown stage {s!r}; stages: {','.join(known)}")
+    return state, stages
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default=",".join(STAGES))
@@ -441,25 +478,7 @@ def main(argv=None) -> None:
     ap.add_argument("--state", default=None)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    host = provision.find_host({**os.environ, **({"COMFYUI_PATH": args.comfyui} if args.comfyui else {})},
-                               provision=False)
-    if host is None:
-        sys.exit("train_testbed: no ComfyUI found; pass --comfyui, set COMFYUI_PATH, or run bash scripts/test.sh once "
-                 "(it provisions one)")
-    os.environ["COMFYUI_PATH"] = str(host.path)
-    import make_tiny_checkpoint
-
-    make_tiny_checkpoint._import_comfy(str(host.path))
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    state = Path(args.state) if args.state else provision.cache_dir() / "testbed"
-    state.mkdir(parents=True, exist_ok=True)
-    stages = args.stages.split(",")
-    for s in stages:
-        if s not in STAGES:
-            sys.exit(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
+    state, stages = setup(args, "train_testbed", "testbed", STAGES)
     if "data" in stages and not tb.HELDOUT.is_file():
         tb.write_heldout()
         log(f"wrote {tb.HELDOUT}")

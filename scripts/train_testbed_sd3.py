@@ -34,7 +34,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import testbed as tb  # noqa: E402
-import provision  # noqa: E402
 import train_testbed as sd15  # noqa: E402  (the shared loop, losses and helpers)
 from train_testbed import log, psnr, _load, _save  # noqa: E402
 
@@ -214,23 +213,8 @@ def stage_model(state: Path, steps: int, batch: int = 64, lr: float = 4e-4) -> N
         for pg in opt.param_groups:
             pg["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         loss = (model(xt, t * 1000, context=ctx[p], y=pooled[p]) - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
         step += 1
-        d = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(d).add_(v, alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
-        run_loss += loss.item()
-        if step % 20 == 0 or step == steps:
-            window = (step - 1) % 20 + 1
-            log(f"mmdit step {step}/{steps} loss {run_loss / window:.4f} "
-                f"({(time.time() - t0) / (step - first):.2f} s/step)")
-            run_loss = 0.0
-        if step % 100 == 0 or step == steps:
-            _save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step}, path)
+        run_loss = sd15.optimise(model, opt, ema, loss, step, steps, run_loss, "mmdit", (t0, first), path)
 
 
 def shifted_sigmas(steps: int, shift: float = SHIFT):
@@ -338,25 +322,7 @@ def main(argv=None) -> None:
     ap.add_argument("--state", default=None)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    host = provision.find_host({**os.environ, **({"COMFYUI_PATH": args.comfyui} if args.comfyui else {})},
-                               provision=False)
-    if host is None:
-        sys.exit("train_testbed_sd3: no ComfyUI found; pass --comfyui, set COMFYUI_PATH, or run bash scripts/test.sh "
-                 "once (it provisions one)")
-    os.environ["COMFYUI_PATH"] = str(host.path)
-    import make_tiny_checkpoint
-
-    make_tiny_checkpoint._import_comfy(str(host.path))
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    state = Path(args.state) if args.state else provision.cache_dir() / "testbed_sd3"
-    state.mkdir(parents=True, exist_ok=True)
-    stages = args.stages.split(",")
-    for s in stages:
-        if s not in STAGES + ("report",):
-            sys.exit(f"unknown stage {s!r}; stages: {','.join(STAGES)}")
+    state, stages = sd15.setup(args, "train_testbed_sd3", "testbed_sd3", STAGES + ("report",))
     if "vae" in stages:
         stage_vae(state, args.vae_steps)
     if "latents" in stages:
