@@ -278,6 +278,9 @@ SD3_PARTS = ("model.diffusion_model.", "first_stage_model.", "text_encoders.")
 CLIP_L_SD3_PREFIX = "text_encoders.clip_l."  # where an SD3 single-file checkpoint keeps CLIP-L
 
 
+FAMILIES = {"sd15": (WEIGHTS, CKPT_NAME), "sd3": (SD3_WEIGHTS, SD3_CKPT_NAME)}  # family -> (weights, checkpoint name)
+
+
 def family_of(weights: Path) -> str:
     return "sd3" if Path(weights).name == SD3_WEIGHTS.name else "sd15"
 
@@ -382,12 +385,12 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description="Assemble a trained testbed checkpoint (UNet or MMDiT + VAE + seeded CLIP-L)")
     ap.add_argument("out")
-    ap.add_argument("--family", choices=["sd15", "sd3"], default="sd15",
+    ap.add_argument("--family", choices=list(FAMILIES), default="sd15",
                     help="sd15: the SD1.5-format testbed; sd3: the SD3-format flow testbed (issue 23)")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "~/ComfyUI"))
     args = ap.parse_args(argv)
     make_tiny_checkpoint._import_comfy(args.comfyui)
-    path = assemble(Path(args.out), SD3_WEIGHTS if args.family == "sd3" else WEIGHTS)
+    path = assemble(Path(args.out), FAMILIES[args.family][0])
     print(f"testbed checkpoint: {path}")
 
 

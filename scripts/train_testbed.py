@@ -175,15 +175,16 @@ def _warm_start(model) -> None:
 LATENT_ITEMS = 24_000  # the UNet trains on the first 24k items of the training split (400 per prompt on average)
 
 
-def stage_latents(state: Path) -> None:
-    """Encode the UNet's training items once (the encoder costs ~16 ms an image on 2 cores);
-    record the latent mean/std that set vae_shift/vae_scale."""
+def stage_latents(state: Path, latent_channels: int = 4) -> None:
+    """Encode the denoiser's training items once (the encoder costs ~16 ms an image on 2 cores) with
+    the VAE in ``state`` (``latent_channels``: 16 for the SD3 flow testbed); record the latent
+    mean/std that set vae_shift/vae_scale."""
     import torch
 
     path = state / "latents.pt"
     if path.is_file():
         return
-    model = tb.taesd()
+    model = tb.taesd(latent_channels)
     model.load_state_dict(_load(state / "vae.pt")["model"])
     model.eval()
     items, labels, colours = (a[:LATENT_ITEMS] for a in tb.load_split("train"))

@@ -88,29 +88,6 @@ def stage_vae(state: Path, steps: int, batch: int = 32) -> None:
               snapshot=lambda s: {"model": model.state_dict(), "opt": opt.state_dict(), "step": s})
 
 
-def stage_latents(state: Path) -> None:
-    import torch
-
-    path = state / "latents.pt"
-    if path.is_file():
-        return
-    model = tb.taesd(C)
-    model.load_state_dict(_load(state / "vae.pt")["model"])
-    model.eval()
-    items, labels, colours = (a[:sd15.LATENT_ITEMS] for a in tb.load_split("train"))
-    out, t0 = [], time.time()
-    with torch.no_grad():
-        for i in range(0, len(items), 500):
-            out.append(model.taesd_encoder(tb.render(items[i:i + 500], colours[i:i + 500])).half())
-            if i % 6000 == 0:
-                log(f"latents {i}/{len(items)} ({time.time() - t0:.0f} s)")
-    raw = torch.cat(out)
-    mean, std = raw.float().mean().item(), raw.float().std().item()
-    log(f"latents: mean {mean:.4f} std {std:.4f}")
-    _save({"raw": raw, "labels": torch.from_numpy(labels), "colours": torch.from_numpy(colours),
-           "mean": mean, "std": std}, path)
-
-
 def stage_context(state: Path) -> None:
     """Every prompt through ComfyUI's SD3 text encoder as it loads from the assembled checkpoint's
     layout (CLIP-L only): a stand-in checkpoint with an untrained MMDiT and VAE is loaded by
@@ -326,7 +303,7 @@ def main(argv=None) -> None:
     if "vae" in stages:
         stage_vae(state, args.vae_steps)
     if "latents" in stages:
-        stage_latents(state)
+        sd15.stage_latents(state, C)
     if "context" in stages:
         stage_context(state)
     if "model" in stages:

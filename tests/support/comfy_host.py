@@ -100,8 +100,7 @@ def testbed_checkpoint(family: str = "sd15") -> Path:
     import testbed
 
     make_tiny_checkpoint._import_comfy(str(COMFYUI_PATH))
-    name, weights = ((testbed.SD3_CKPT_NAME, testbed.SD3_WEIGHTS) if family == "sd3"
-                     else (testbed.CKPT_NAME, testbed.WEIGHTS))
+    weights, name = testbed.FAMILIES[family]
     with cache_lock(name):
         return testbed.assemble(CACHE_DIR / "checkpoints" / name, weights)
 
