@@ -468,6 +468,9 @@ def main(argv=None):
                          "and the exact solvers against Euler; default configs 8:1,14:1,28:1)")
     ap.add_argument("--configs", default=None, metavar="STEPS:GUIDANCE,...",
                     help="the (steps, guidance) configurations to run, e.g. 4:1,4:7.5 (default: 50:1,50:7.5,4:1,4:7.5)")
+    ap.add_argument("--methods", default=None, metavar="NAME,...",
+                    help="--testbed: only these methods (default: all of the family's; SD1.5: "
+                         + ", ".join(TESTBED_METHODS) + "; SD3: " + ", ".join(FLOW_METHODS) + ")")
     args = ap.parse_args(argv)
     if args.memory_worker:
         size, mode, path = args.memory_worker.split(":", 2)
@@ -487,13 +490,17 @@ def main(argv=None):
     if args.configs:
         full = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.configs.split(",")]
     if args.testbed:
+        names = TESTBED_METHODS if args.testbed_family == "sd15" else FLOW_METHODS
+        chosen = [m for m in (args.methods or "").split(",") if m] or names
+        if any(m not in names for m in chosen):
+            ap.error(f"--methods: choose from {', '.join(names)}; got {args.methods!r}")
         backend = testbed_backend(args.testbed, args.testbed_family)
         if backend is not None and args.testbed_family == "sd3":
             configs = full if args.configs else [(8, 1.0), (14, 1.0), (28, 1.0)]
-            out["testbed_sd3"] = bench_backend("sd3bed", backend, configs, FLOW_METHODS)
+            out["testbed_sd3"] = bench_backend("sd3bed", backend, configs, chosen)
         elif backend is not None:
             configs = [(10, 1.0), (10, 7.5), (4, 1.0), (4, 7.5)] if args.quick and not args.configs else full
-            out["testbed"] = bench_backend("testbed", backend, configs, TESTBED_METHODS)
+            out["testbed"] = bench_backend("testbed", backend, configs, chosen)
         print(json.dumps(out, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
         return
     if args.backend in ("all", "reference"):
