@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 import types
 
 import torch
 
+from _authors import load, pack as _pack, unpack as _unpack
 import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
 
@@ -42,22 +42,7 @@ def _load_authors(path: str):
 
     shim = types.ModuleType("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
     shim.retrieve_timesteps = retrieve_timesteps
-    sys.modules[shim.__name__] = shim
-    spec = importlib.util.spec_from_file_location("flowedit_authors", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _pack(x):
-    """diffusers' FluxPipeline._pack_latents: [B, C, H, W] -> [B, H/2 W/2, 4C]."""
-    B, C, H, W = x.shape
-    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
-
-
-def _unpack(x, H, W):
-    B, N, C4 = x.shape
-    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
+    return load(path, "flowedit_authors", {shim.__name__: shim})
 
 
 class _Callable:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import sys
 import types
 
 import torch
 
+from _authors import load, pack as _pack, unpack as _unpack
 import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
 
@@ -44,26 +43,7 @@ def _load(path: str, name: str):
     stubs[f"{name}.modules"].__path__ = []
     stubs[f"{name}.model"].Flux = type("Flux", (), {})
     stubs[f"{name}.modules.conditioner"].HFEmbedder = type("HFEmbedder", (), {})
-    sys.modules.update(stubs)
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}.sampling", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        for k in stubs:
-            sys.modules.pop(k, None)
-    return mod
-
-
-def _pack(x):
-    """[B, C, H, W] -> [B, H/2 W/2, 4C] (their prepare's rearrange)."""
-    B, C, H, W = x.shape
-    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
-
-
-def _unpack(x, H, W):
-    B, N, C4 = x.shape
-    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
+    return load(path, f"{name}.sampling", stubs)
 
 
 class _Model:

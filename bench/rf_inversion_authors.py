@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import sys
 import time
 import types
@@ -42,6 +41,7 @@ import types
 import numpy as np
 import torch
 
+from _authors import load, pack as _pack, unpack as _unpack
 import _boot  # noqa: F401  (bench/_boot.py: scripts/ and the tests' support package importable, the pack loaded)
 
 
@@ -71,19 +71,7 @@ def _load_authors(path: str):
                                                          FluxPipelineOutput=cls("FluxPipelineOutput")),
         "diffusers.pipelines.pipeline_utils": stub("diffusers.pipelines.pipeline_utils", DiffusionPipeline=_Base),
     }
-    saved = {k: sys.modules.get(k) for k in stubs}
-    sys.modules.update(stubs)
-    try:
-        spec = importlib.util.spec_from_file_location("rf_inversion_authors", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return mod
+    return load(path, "rf_inversion_authors", stubs)
 
 
 class _Base:
@@ -94,17 +82,6 @@ class _Base:
 
     def maybe_free_model_hooks(self):
         pass
-
-
-def _pack(x):
-    """diffusers' FluxPipeline._pack_latents: [B, C, H, W] -> [B, H/2 W/2, 4C]."""
-    B, C, H, W = x.shape
-    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
-
-
-def _unpack(x, H, W):
-    B, N, C4 = x.shape
-    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
 
 
 class _Noise:
