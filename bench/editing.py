@@ -80,7 +80,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--testbed", type=int, default=0, metavar="N",
                     help="only the trained testbed's protocol, on its first N held-out items (README: 100)")
-    ap.add_argument("--methods", default=",".join(("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl")),
+    ap.add_argument("--methods", default=",".join(("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl",
+                                                      "null_text_p2p")),
                     help="testbed: the editing methods (tests/support/testbed_runs.py Testbed.edit)")
     ap.add_argument("--kinds", default="colour,class", help="testbed: which edits, colour swaps and/or class swaps")
     ap.add_argument("--family", choices=["sd15", "sd3"], default="sd15",

@@ -81,7 +81,7 @@ class Testbed:
             return n.SampleFromInversion.execute(self.model, pos, result, guidance, 0, negative=neg).args[0]["samples"]
 
     # -- editing
-    EDIT_METHODS = ("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl", "prox_exact")
+    EDIT_METHODS = ("prox_npi_p2p", "prox_npi", "npi", "prox_ddpm", "prox_masactrl", "prox_exact", "null_text_p2p")
 
     def edit(self, idx, targets, method="prox_npi_p2p", steps=50, **kw):
         """Edit held-out items ``idx`` to the prompts ``targets``; returns (edited, VAE round trip).
@@ -93,9 +93,13 @@ class Testbed:
         ProxEdit over edit-friendly DDPM inversion (base 'negative', no inversion guidance, 36% of
         the steps skipped: the quick start's edit);
         prox_masactrl: ProxEdit over NPI with MasaCtrl (from step 4, the decoder's layers);
-        prox_exact: ProxEdit over exact inversion (Anderson, 2 calls a step, guidance 1)."""
+        prox_exact: ProxEdit over exact inversion (Anderson, 2 calls a step, guidance 1);
+        null_text_p2p: null-text inversion (guidance 7.5, the paper's 10 Adam steps at lr 0.01) and
+        prompt-to-prompt's edit over it (Mokady et al.: guided sampling from the inverted noise with
+        the per-step null embeddings as the unconditional branch; ProxEdit at quantile 0 with base
+        'negative' is that plain guidance; one item at a time, like prox_npi_p2p)."""
         idx, targets = list(idx), list(targets)
-        if method == "prox_npi_p2p" and len(idx) > 1:
+        if method in ("prox_npi_p2p", "null_text_p2p") and len(idx) > 1:
             runs = [self.edit([i], [t], method, steps, **kw) for i, t in zip(idx, targets)]
             return torch.cat([r[0] for r in runs]), torch.cat([r[1] for r in runs])
         e = self.nodes("editing")
@@ -105,7 +109,7 @@ class Testbed:
                     inversion_guidance=0.5, reconstruction_guidance=0.0, t_rec=400, source_null_mix=0.0, skip_steps=0)
         control = None
         with torch.inference_mode():
-            if method == "prox_npi_p2p":
+            if method in ("prox_npi_p2p", "null_text_p2p"):
                 control, source, target = _p2p(e, self.clip, self.prompts(idx)[0], targets[0])
             else:
                 source, target = self.cond(self.prompts(idx)), self.cond(targets)
@@ -119,6 +123,10 @@ class Testbed:
             inv = self.invert("ExactInversion", lat, source, neg, steps=steps, guidance=1.0, method="anderson",
                               iterations=1, tolerance=0.0, lambda_prior=0.1, adjust_rounds=0)
             args.update(inversion_guidance=0.0)
+        elif method == "null_text_p2p":
+            inv = self.invert("NullTextInversion", lat, source, neg, steps=steps, guidance=7.5, inner_steps=10,
+                              learning_rate=0.01, tolerance=1e-5)
+            args.update(base="negative", quantile=0.0, inversion_guidance=0.0)
         else:
             inv = self.invert("NegativePromptInversion", lat, source, neg, steps=steps)
         if method == "npi":
